@@ -1,0 +1,1 @@
+"""Dataset readers, synthetic H&E data and TFRecord shard writing for focas_keras."""

@@ -1,0 +1,275 @@
+"""The ``focas-keras`` command line: a thin layer over the library.
+
+User errors (:class:`~focas_keras.errors.InputError`, unreadable shards) print one line on
+stderr and exit with code 2; nothing else is printed for them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from focas_keras import __version__
+from focas_keras.errors import InputError
+
+EXIT_INPUT = 2
+
+
+class _Group(click.Group):
+    """Turns user errors raised anywhere below into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InputError as err:
+            click.echo(f"focas-keras: error: {err}", err=True)
+            ctx.exit(EXIT_INPUT)
+        except KeyboardInterrupt:
+            click.echo("focas-keras: interrupted (no partial output was kept)", err=True)
+            ctx.exit(130)
+        except Exception as err:  # corrupt TFRecords surface from inside TensorFlow
+            if type(err).__name__ == "TrainingError":
+                click.echo(f"focas-keras: error: {err}", err=True)
+                ctx.exit(1)
+            if type(err).__name__ == "DataLossError":
+                first = str(getattr(err, "message", err)).splitlines()[0]
+                click.echo(f"focas-keras: error: corrupt shard ({first})", err=True)
+                ctx.exit(EXIT_INPUT)
+            raise
+
+
+def _import_tensorflow():
+    """Imports TensorFlow with its start-up chatter (CUDA probing, absl) kept off stderr.
+
+    TensorFlow's C++ side prints those lines at import whatever TF_CPP_MIN_LOG_LEVEL says, and
+    they would bury our one-line errors. Set FOCAS_KERAS_VERBOSE=1 to see them.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules or os.environ.get("FOCAS_KERAS_VERBOSE"):
+        import tensorflow  # noqa: F401
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow
+
+            tensorflow.config.list_physical_devices()  # probes CUDA (and complains) once, here
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _slides(value: str) -> tuple:
+    return tuple(s.strip() for s in value.split(",") if s.strip()) if value else ()
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="focas-keras")
+def main():
+    """FoCasNet mitosis detection: synthetic data, shards, and training of the detector."""
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--images", default=8, show_default=True, help="Number of images.")
+@click.option("--size", default=1024, show_default=True, help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
+@click.option("--per-slide", default=4, show_default=True,
+              help="Images per synthetic slide (slide ids S00, S01, ...).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def synth(out, images, size, seed, per_slide, overwrite):
+    """Write synthetic H&E fields with mitoses and look-alikes to OUT (ICPR 2012 layout)."""
+    from data_tools.synth import write_dataset
+
+    summary = write_dataset(out, images=images, size=size, seed=seed, per_slide=per_slide,
+                            overwrite=overwrite, progress=True)
+    mitoses = sum(item["mitoses"] for item in summary["per_image"])
+    negatives = sum(item["hard_negatives"] for item in summary["per_image"])
+    click.echo(f"wrote {images} images ({size}x{size}), {mitoses} mitoses, "
+               f"{negatives} hard negatives to {out}")
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.option("--format", "fmt", required=True,
+              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]),
+              help="Layout of SRC.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory for det/, cls/ and manifest.json.")
+@click.option("--mpp", type=float, default=None,
+              help="Pixel size of SRC in um/px (default: the format's own).")
+@click.option("--target-mpp", type=float, default=None,
+              help="Rescale images to this pixel size first.")
+@click.option("--box-size", type=float, default=40.0, show_default=True,
+              help="Box side (px) for centroid-only annotations.")
+@click.option("--coco-bbox", type=click.Choice(["xywh", "xyxy"]), default="xywh",
+              show_default=True,
+              help="COCO bbox layout (MIDOG 2021's JSON stores x1,y1,x2,y2: use xyxy).")
+@click.option("--tile-size", type=int, default=224, show_default=True, help="Det tile side.")
+@click.option("--det-per-mitosis", type=int, default=4, show_default=True,
+              help="Det tiles per mitosis (random offsets).")
+@click.option("--det-empty-share", type=float, default=0.3, show_default=True,
+              help="Share of det tiles without mitoses.")
+@click.option("--patch-size", type=int, default=64, show_default=True, help="Cls patch side.")
+@click.option("--cls-per-mitosis", type=int, default=8, show_default=True,
+              help="Positive patches per mitosis.")
+@click.option("--cls-per-hard-negative", type=int, default=4, show_default=True,
+              help="Patches per hard-negative annotation.")
+@click.option("--cls-background", type=int, default=40, show_default=True,
+              help="Background patches per image.")
+@click.option("--val-slides", default="", help="Comma-separated slides for validation.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Share of slides drawn for validation when --val-slides is not given.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Split and sampling seed.")
+@click.option("--shard-mb", type=float, default=64.0, show_default=True,
+              help="Size bound of one shard (MiB).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def prepare(src, fmt, out, mpp, target_mpp, box_size, coco_bbox, tile_size,
+            det_per_mitosis, det_empty_share, patch_size, cls_per_mitosis, cls_per_hard_negative,
+            cls_background, val_slides, val_fraction, seed, shard_mb, overwrite):
+    """Turn a dataset at SRC into TFRecord shards (det tiles, cls patches) + manifest.json."""
+    _import_tensorflow()
+    from data_tools.prepare import PrepareConfig
+    from data_tools.prepare import prepare as run_prepare
+    from data_tools.readers import read_dataset
+
+    config = PrepareConfig(
+        tile_size=tile_size, det_tiles_per_mitosis=det_per_mitosis,
+        det_empty_share=det_empty_share, patch_size=patch_size,
+        cls_per_mitosis=cls_per_mitosis, cls_per_hard_negative=cls_per_hard_negative,
+        cls_background_per_image=cls_background, val_slides=_slides(val_slides),
+        val_fraction=val_fraction, seed=seed, target_mpp=target_mpp, shard_mb=shard_mb)
+    config.validate()
+    kwargs = {"box_size": box_size} if fmt in ("icpr2012", "csv") else {}
+    if fmt == "coco":
+        kwargs["bbox_format"] = coco_bbox
+    aset = read_dataset(fmt, src, mpp=mpp, **kwargs)
+    manifest = run_prepare(aset, out, config, overwrite=overwrite, progress=True)
+    click.echo(summarize(manifest, out))
+
+
+def summarize(manifest: dict, out) -> str:
+    """A short text table of a manifest's counts."""
+    lines = [f"shards in {out}:"]
+    for split, c in manifest["splits"].items():
+        det, cls = c["det"], c["cls"]
+        lines.append(
+            f"  {split:5s} {len(c['images']):3d} images ({', '.join(c['slides']) or '-'}): "
+            f"det {det['records']} tiles / {det['boxes']} boxes ({det['empty_tiles']} empty); "
+            f"cls {cls['records']} patches ({cls['positive']} mitosis, "
+            f"{cls['background']} background, {cls['hard_negative']} hard negative)")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("shards", type=click.Path())
+@click.option("--read", "read_all", is_flag=True,
+              help="Also decode every record and compare the counts with the manifest.")
+def inspect(shards, read_all):
+    """Verify the shard checksums of SHARDS and print their counts."""
+    _import_tensorflow()
+    from focas_keras.data import pipeline, records
+
+    manifest = pipeline.load_manifest(shards)
+    pipeline.verify_shards(shards, manifest["shards"])
+    click.echo(summarize(manifest, shards))
+    if read_all:
+        for split, counts in manifest["splits"].items():
+            for kind in records.KINDS:
+                expected = counts[kind]["records"]
+                found = len(pipeline.read_records(shards, kind, split, verify=False)) \
+                    if expected else 0
+                if found != expected:
+                    raise InputError(f"{kind}/{split}: manifest says {expected} records, "
+                                     f"shards hold {found}", shards)
+        click.echo("all records decode; counts match the manifest")
+    click.echo(f"{len(manifest['shards'])} shards verified (sha256)")
+
+
+def _parse_value(text: str):
+    """A --set value: JSON when it parses (numbers, booleans, lists), else the string."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+@main.command("train-det")
+@click.option("--data", required=True, type=click.Path(), help="Shards from `prepare`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--preset", default="paper", show_default=True,
+              type=click.Choice(["paper", "tiny"]), help="Named configuration.")
+@click.option("--head", type=click.Choice(["anchor", "free", "hybrid"]), default=None,
+              help="Head branches (default: the preset's, hybrid).")
+@click.option("--no-cbam", is_flag=True, help="Backbone without CBAM.")
+@click.option("--norm", type=click.Choice(["bn", "gn"]), default=None,
+              help="Backbone normalisation.")
+@click.option("--no-ws", is_flag=True, help="Plain convs instead of weight standardisation.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Global batch size.")
+@click.option("--steps-per-epoch", type=int, default=None,
+              help="Steps per epoch (default: training tiles / batch size).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]),
+              default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--devices", default="",
+              help="Comma-separated devices for MirroredStrategy (e.g. /gpu:0,/gpu:1); "
+                   "'cpu:N' splits the CPU into N logical devices.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Override any config field, e.g. --set fpn.max_level=5.")
+def train_det(data, out, preset, head, no_cbam, norm, no_ws, epochs, batch_size,
+              steps_per_epoch, lr, precision, seed, devices, overrides):
+    """Train Mdet (stage 1) on prepared shards; resumes an interrupted run in OUT."""
+    _import_tensorflow()
+    from focas_keras.models.mdet_config import preset as get_preset
+    from focas_keras.training.det_trainer import train_det as run_training
+    from focas_keras.training.strategy import split_cpu
+
+    fields = {"head.head": head, "backbone.norm": norm, "train.epochs": epochs,
+              "train.batch_size": batch_size, "train.steps_per_epoch": steps_per_epoch,
+              "train.learning_rate": lr, "train.precision": precision, "train.seed": seed,
+              "backbone.cbam": False if no_cbam else None, "backbone.ws": False if no_ws else None}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--set needs SECTION.FIELD=VALUE, got '{item}'")
+        fields[key.strip()] = _parse_value(value.strip())
+    config = get_preset(preset).override(**fields)
+    device_list = [d for d in devices.split(",") if d]
+    if len(device_list) == 1 and device_list[0].startswith("cpu:"):
+        device_list = split_cpu(int(device_list[0][4:]))
+    result = run_training(data, out, config, devices=device_list or None, log=click.echo)
+    best = (result.get("best") or {}).get("metrics", {})
+    if best.get("val_f1") is not None:
+        click.echo(f"best epoch {best['epoch']}: val P {best['val_precision']:.3f} "
+                   f"R {best['val_recall']:.3f} F1 {best['val_f1']:.3f}; model: {out}/model.keras")
+    else:
+        click.echo(f"model: {out}/model.keras")
+
+
+@main.command()
+@click.option("--out", default="focas_demo", show_default=True, type=click.Path(file_okay=False),
+              help="Working directory of the demo (replaced if it exists).")
+@click.option("--images", default=8, show_default=True, help="Synthetic images.")
+@click.option("--size", default=768, show_default=True, help="Synthetic image side (px).")
+@click.option("--seed", default=0, show_default=True, help="Seed of data and split.")
+def demo(out, images, size, seed):
+    """Run the pipeline end to end on synthetic data (today: synth -> prepare -> tf.data).
+
+    Training of Mdet / Mclass, detection and evaluation join the demo as they land.
+    """
+    _import_tensorflow()
+    from focas_keras.demo import run_demo
+
+    run_demo(out, images=images, size=size, seed=seed, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shard schema, augmentation and tf.data pipelines."""
