@@ -10,6 +10,14 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPU devices, so MirroredStrategy can be tested in-process (must precede TF's
+# device initialisation, hence here).
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
 REPO = Path(__file__).resolve().parents[1]
 ICPR = REPO.parent / "shared" / "data" / "icpr2012"
 

@@ -1,0 +1,1 @@
+"""Matching detections to ground-truth centroids and the resulting metrics."""

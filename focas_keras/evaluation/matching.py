@@ -1,0 +1,103 @@
+"""One-to-one matching of predicted centres to ground-truth centroids (the contest's rule).
+
+A prediction is a true positive when its centre lies within ``radius`` px of a ground-truth
+centroid that no higher-scored prediction has taken; each ground truth and each prediction
+counts at most once. Predictions are taken in descending score order (ties: input order), each
+taking its nearest unmatched ground truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """Pooled detection counts and the derived metrics."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def __add__(self, other: "Counts") -> "Counts":
+        return Counts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    def as_dict(self) -> dict:
+        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "precision": self.precision,
+                "recall": self.recall, "f1": self.f1}
+
+
+def match_points(pred_xy, scores, gt_xy, radius: float) -> np.ndarray:
+    """Greedy one-to-one matching.
+
+    Args:
+        pred_xy: (P, 2) predicted centres.
+        scores: (P,) confidence (higher first).
+        gt_xy: (G, 2) ground-truth centroids.
+        radius: a match needs distance <= radius.
+
+    Returns:
+        (P,) int array: index of the matched ground truth, or -1.
+    """
+    pred_xy = np.asarray(pred_xy, np.float64).reshape(-1, 2)
+    gt_xy = np.asarray(gt_xy, np.float64).reshape(-1, 2)
+    matched = np.full(len(pred_xy), -1, np.int64)
+    if not len(pred_xy) or not len(gt_xy):
+        return matched
+    distances = np.hypot(pred_xy[:, None, 0] - gt_xy[None, :, 0],
+                         pred_xy[:, None, 1] - gt_xy[None, :, 1])
+    taken = np.zeros(len(gt_xy), bool)
+    for p in np.argsort(-np.asarray(scores, np.float64), kind="stable"):
+        candidates = np.where(~taken & (distances[p] <= radius))[0]
+        if len(candidates):
+            g = candidates[np.argmin(distances[p, candidates])]
+            taken[g] = True
+            matched[p] = g
+    return matched
+
+
+def count_matches(pred_xy, scores, gt_xy, radius: float) -> Counts:
+    """TP/FP/FN of one image under :func:`match_points`."""
+    matched = match_points(pred_xy, scores, gt_xy, radius)
+    tp = int((matched >= 0).sum())
+    return Counts(tp=tp, fp=len(matched) - tp, fn=len(np.asarray(gt_xy).reshape(-1, 2)) - tp)
+
+
+def best_f1_threshold(per_image, radius: float) -> tuple[float, Counts]:
+    """The score threshold with the best pooled F1.
+
+    Args:
+        per_image: iterable of (pred_xy (P, 2), scores (P,), gt_xy (G, 2)).
+        radius: matching radius.
+
+    Returns:
+        (threshold, counts at that threshold); (1.0, counts with no prediction) when nothing
+        matches. Matching is redone at each candidate threshold, so it is exact.
+    """
+    per_image = [(np.asarray(p).reshape(-1, 2), np.asarray(s).reshape(-1),
+                  np.asarray(g).reshape(-1, 2)) for p, s, g in per_image]
+    candidates = np.unique(np.concatenate([s for _, s, _ in per_image] + [np.array([])]))
+    best = (1.0, sum((Counts(fn=len(g)) for _, _, g in per_image), Counts()))
+    for threshold in candidates[::-1]:
+        total = Counts()
+        for p, s, g in per_image:
+            keep = s >= threshold
+            total = total + count_matches(p[keep], s[keep], g, radius)
+        if total.f1 > best[1].f1:
+            best = (float(threshold), total)
+    return best

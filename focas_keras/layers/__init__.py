@@ -1,0 +1,1 @@
+"""Custom Keras layers (registered serializable under the package name ``focas_keras``)."""

@@ -1,0 +1,1 @@
+"""Target assignment and losses of Mdet's anchor-based and anchor-free branches."""

@@ -1,0 +1,1 @@
+"""Models: backbone builder, FPN, the hybrid head and Mdet."""

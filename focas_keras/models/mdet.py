@@ -1,0 +1,187 @@
+"""Mdet: backbone + FPN + hybrid head, its loss, and decoding to boxes."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from focas_keras.losses.fsaf import decode_tblr, fsaf_loss, level_layout
+from focas_keras.losses.retina import retina_loss
+from focas_keras.models import levels
+from focas_keras.models.anchors import AnchorConfig, decode_deltas, generate_anchors
+from focas_keras.models.backbone import build_backbone
+from focas_keras.models.fpn import FPN
+from focas_keras.models.head import HybridHead
+from focas_keras.models.mdet_config import MdetConfig
+
+
+def anchor_config(config: MdetConfig) -> AnchorConfig:
+    """The anchor settings of a config, one base size per FPN level."""
+    strides = config.strides
+    return AnchorConfig(strides=strides, base_sizes=tuple(config.head.base_sizes[:len(strides)]),
+                        scales=tuple(config.head.scales), ratios=tuple(config.head.ratios))
+
+
+def build_mdet(config: MdetConfig) -> keras.Model:
+    """Builds Mdet for images of any size (multiples of the largest stride are exact).
+
+    Input: float32 [B, H, W, 3] RGB in [0, 1]. Outputs: the :class:`HybridHead` dict
+    (``anchor_cls``/``anchor_box`` when the head is ``anchor`` or ``hybrid``,
+    ``free_cls``/``free_box`` when it is ``free`` or ``hybrid``).
+    """
+    bb, fpn_cfg, head_cfg = config.backbone, config.fpn, config.head
+    inputs = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_unit_range")(inputs)
+    backbone = build_backbone(depth=bb.depth, norm=bb.norm, ws=bb.ws, cbam=bb.cbam,
+                              width=bb.width, resnext=bb.resnext, name="backbone")
+    features = backbone(x)
+    input_levels = tuple(level for level in (3, 4, 5) if level >= fpn_cfg.min_level)
+    pyramid = FPN(channels=fpn_cfg.channels, min_level=fpn_cfg.min_level,
+                  max_level=fpn_cfg.max_level, input_levels=input_levels, name="fpn")(
+        {f"C{level}": features[f"C{level}"] for level in input_levels})
+    head = HybridHead(num_classes=1, num_anchors=anchor_config(config).num_anchors,
+                      channels=fpn_cfg.channels, tower_depth=head_cfg.tower_depth,
+                      use_anchor=head_cfg.head in ("anchor", "hybrid"),
+                      use_free=head_cfg.head in ("free", "hybrid"),
+                      prior_prob=head_cfg.prior_prob, name="head")
+    outputs = head([pyramid[f"P{level}"]
+                    for level in range(fpn_cfg.min_level, fpn_cfg.max_level + 1)])
+    return keras.Model(inputs, outputs, name="mdet")
+
+
+def mdet_loss(outputs: dict, gt_boxes, gt_mask, height: int, width: int,
+              config: MdetConfig) -> dict:
+    """Per-image losses of both branches.
+
+    Args:
+        outputs: the model's output dict for a batch of B images of height x width.
+        gt_boxes: float32 [B, M, 4] x1, y1, x2, y2 pixels.
+        gt_mask: bool [B, M] real boxes.
+        height, width: python ints, the input size.
+        config: the run's config.
+
+    Returns:
+        dict of float32 [B] tensors: ``anchor_cls``, ``anchor_box``, ``free_cls``, ``free_box``
+        (those of the enabled branches) and ``total`` = L_anchor + free_weight * L_free.
+    """
+    head = config.head
+    losses = {}
+    total = 0.0
+    if "anchor_cls" in outputs:
+        anchors = generate_anchors(height, width, anchor_config(config))
+        part = retina_loss(outputs["anchor_cls"], outputs["anchor_box"], anchors, gt_boxes,
+                           gt_mask, box_loss=head.box_loss, alpha=head.alpha, gamma=head.gamma,
+                           pos_iou=head.pos_iou, neg_iou=head.neg_iou)
+        losses["anchor_cls"], losses["anchor_box"] = part["cls"], part["box"]
+        total += part["cls"] + part["box"]
+    if "free_cls" in outputs:
+        part = fsaf_loss(outputs["free_cls"], outputs["free_box"], gt_boxes, gt_mask, height,
+                         width, strides=config.strides, effective=head.effective,
+                         ignore=head.ignore, alpha=head.alpha, gamma=head.gamma)
+        losses["free_cls"], losses["free_box"] = part["cls"], part["box"]
+        weight = head.free_weight if "anchor_cls" in outputs else 1.0
+        total += weight * (part["cls"] + part["box"])
+    losses["total"] = total
+    return losses
+
+
+def _level_topk(scores, boxes, sizes, k):
+    """Top-k per level of flattened [B, N] scores / [B, N, 4] boxes."""
+    kept_scores, kept_boxes = [], []
+    start = 0
+    for size in sizes:
+        level_scores = scores[:, start:start + size]
+        level_boxes = boxes[:, start:start + size]
+        top = tf.math.top_k(level_scores, k=min(k, size))
+        kept_scores.append(top.values)
+        kept_boxes.append(tf.gather(level_boxes, top.indices, batch_dims=1))
+        start += size
+    return kept_scores, kept_boxes
+
+
+def decode_detections(outputs: dict, height: int, width: int, config: MdetConfig,
+                      valid_height=None, valid_width=None, score_threshold=None) -> dict:
+    """Decodes both branches, keeps top-k per level, merges, runs class-agnostic NMS.
+
+    Args:
+        outputs: the model's output dict for B images of the (padded) size height x width.
+        height, width: python ints.
+        config: gives the inference settings.
+        valid_height, valid_width: the unpadded size; boxes are clipped to it (default: the
+            padded size).
+        score_threshold: overrides ``config.inference.score_threshold``.
+
+    Returns:
+        dict with ``boxes`` float32 [B, D, 4] (x1, y1, x2, y2 input pixels), ``scores`` [B, D],
+        ``num_detections`` int32 [B]; D = ``max_detections``, padded with zeros.
+    """
+    inf = config.inference
+    threshold = inf.score_threshold if score_threshold is None else score_threshold
+    all_scores, all_boxes = [], []
+    shapes = levels.level_shapes(height, width, config.strides)
+    if "anchor_cls" in outputs:
+        acfg = anchor_config(config)
+        anchors = generate_anchors(height, width, acfg)
+        scores = tf.reduce_max(tf.sigmoid(tf.cast(outputs["anchor_cls"], tf.float32)), -1)
+        boxes = decode_deltas(anchors, tf.cast(outputs["anchor_box"], tf.float32))
+        sizes = [h * w * acfg.num_anchors for h, w in shapes]
+        s, b = _level_topk(scores, boxes, sizes, inf.topk_per_level)
+        all_scores += s
+        all_boxes += b
+    if "free_cls" in outputs:
+        centers, loc_strides, _ = level_layout(height, width, config.strides)
+        scores = tf.reduce_max(tf.sigmoid(tf.cast(outputs["free_cls"], tf.float32)), -1)
+        dists = tf.cast(outputs["free_box"], tf.float32)
+        batch = tf.shape(dists)[0]
+        flat = tf.reshape(dists, [-1, 4])
+        tiled_centers = tf.tile(centers, [batch, 1])
+        tiled_strides = tf.tile(loc_strides, [batch])
+        boxes = tf.reshape(decode_tblr(tiled_centers, flat, tiled_strides), [batch, -1, 4])
+        s, b = _level_topk(scores, boxes, [h * w for h, w in shapes], inf.topk_per_level)
+        all_scores += s
+        all_boxes += b
+    scores = tf.concat(all_scores, axis=1)
+    boxes = tf.concat(all_boxes, axis=1)
+    vh = float(height if valid_height is None else valid_height)
+    vw = float(width if valid_width is None else valid_width)
+    boxes = tf.stack([tf.clip_by_value(boxes[..., 0], 0.0, vw),
+                      tf.clip_by_value(boxes[..., 1], 0.0, vh),
+                      tf.clip_by_value(boxes[..., 2], 0.0, vw),
+                      tf.clip_by_value(boxes[..., 3], 0.0, vh)], axis=-1)
+    # combined_non_max_suppression wants (y1, x1, y2, x2); it pads to max_total_size.
+    yx = tf.gather(boxes, [1, 0, 3, 2], axis=-1)
+    nms = tf.image.combined_non_max_suppression(
+        yx[:, :, None, :], scores[:, :, None], max_output_size_per_class=inf.max_detections,
+        max_total_size=inf.max_detections, iou_threshold=inf.nms_iou,
+        score_threshold=threshold, clip_boxes=False)
+    out_boxes = tf.gather(nms.nmsed_boxes, [1, 0, 3, 2], axis=-1)
+    return {"boxes": out_boxes, "scores": nms.nmsed_scores,
+            "num_detections": tf.cast(nms.valid_detections, tf.int32)}
+
+
+def pad_to_stride(images, stride: int):
+    """Zero-pads [B, H, W, 3] images at the bottom/right to multiples of ``stride``.
+
+    Returns:
+        (padded images, (H, W) original python ints when static).
+    """
+    height, width = images.shape[1], images.shape[2]
+    pad_h = (-height) % stride
+    pad_w = (-width) % stride
+    if pad_h or pad_w:
+        images = tf.pad(images, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+    return images, (height, width)
+
+
+def detect_batch(model: keras.Model, images, config: MdetConfig, score_threshold=None) -> dict:
+    """Runs Mdet on a batch of float [B, H, W, 3] images (padded to the largest stride).
+
+    Returns:
+        :func:`decode_detections` output in the unpadded image's pixels.
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    padded, (height, width) = pad_to_stride(images, max(config.strides))
+    outputs = model(padded, training=False)
+    return decode_detections(outputs, padded.shape[1], padded.shape[2], config,
+                             valid_height=height, valid_width=width,
+                             score_threshold=score_threshold)

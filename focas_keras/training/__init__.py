@@ -1,0 +1,1 @@
+"""Training: distribution strategy, schedules, the shared custom loop."""

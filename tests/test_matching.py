@@ -1,0 +1,34 @@
+"""One-to-one centroid matching on hand-made cases."""
+
+import numpy as np
+
+from focas_keras.evaluation.matching import Counts, best_f1_threshold, count_matches, match_points
+
+
+def test_two_predictions_near_one_gt_one_is_fp():
+    matched = match_points([[10, 10], [12, 10]], [0.6, 0.9], [[11, 10]], radius=20)
+    assert matched.tolist() == [-1, 0]  # the higher score takes the ground truth
+    assert count_matches([[10, 10], [12, 10]], [0.6, 0.9], [[11, 10]], 20) == Counts(1, 1, 0)
+
+
+def test_distance_exactly_radius_matches_and_beyond_does_not():
+    assert match_points([[20, 0]], [1.0], [[0, 0]], radius=20).tolist() == [0]
+    assert match_points([[20.001, 0]], [1.0], [[0, 0]], radius=20).tolist() == [-1]
+
+
+def test_ties_take_nearest_free_gt():
+    # Equal scores: input order decides; each prediction takes its nearest free GT.
+    matched = match_points([[0, 0], [0, 0]], [0.5, 0.5], [[5, 0], [15, 0]], radius=20)
+    assert matched.tolist() == [0, 1]
+
+
+def test_empty_cases():
+    assert count_matches(np.zeros((0, 2)), [], [[1, 1]], 20) == Counts(0, 0, 1)
+    assert count_matches([[1, 1]], [1.0], np.zeros((0, 2)), 20) == Counts(0, 1, 0)
+    assert Counts().f1 == 0.0
+
+
+def test_best_f1_threshold():
+    per_image = [([[0, 0], [100, 100], [200, 200]], [0.9, 0.3, 0.8], [[0, 0], [200, 200]])]
+    threshold, counts = best_f1_threshold(per_image, 20)
+    assert threshold == 0.8 and counts == Counts(2, 0, 0)
