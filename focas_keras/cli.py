@@ -230,28 +230,110 @@ def train_det(data, out, preset, head, no_cbam, norm, no_ws, epochs, batch_size,
     _import_tensorflow()
     from focas_keras.models.mdet_config import preset as get_preset
     from focas_keras.training.det_trainer import train_det as run_training
-    from focas_keras.training.strategy import split_cpu
 
     fields = {"head.head": head, "backbone.norm": norm, "train.epochs": epochs,
               "train.batch_size": batch_size, "train.steps_per_epoch": steps_per_epoch,
               "train.learning_rate": lr, "train.precision": precision, "train.seed": seed,
               "backbone.cbam": False if no_cbam else None, "backbone.ws": False if no_ws else None}
+    config = get_preset(preset).override(**_with_overrides(fields, overrides))
+    result = run_training(data, out, config, devices=_devices(devices), log=click.echo)
+    _report(result, out)
+
+
+def _with_overrides(fields: dict, overrides) -> dict:
+    """Adds --set SECTION.FIELD=VALUE items to the flag fields."""
+    fields = dict(fields)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise InputError(f"--set needs SECTION.FIELD=VALUE, got '{item}'")
         fields[key.strip()] = _parse_value(value.strip())
-    config = get_preset(preset).override(**fields)
+    return fields
+
+
+def _devices(devices: str):
+    """The --devices list; 'cpu:N' splits the CPU into N logical devices first."""
+    from focas_keras.training.strategy import split_cpu
+
     device_list = [d for d in devices.split(",") if d]
     if len(device_list) == 1 and device_list[0].startswith("cpu:"):
         device_list = split_cpu(int(device_list[0][4:]))
-    result = run_training(data, out, config, devices=device_list or None, log=click.echo)
+    return device_list or None
+
+
+def _report(result: dict, out) -> None:
     best = (result.get("best") or {}).get("metrics", {})
     if best.get("val_f1") is not None:
-        click.echo(f"best epoch {best['epoch']}: val P {best['val_precision']:.3f} "
-                   f"R {best['val_recall']:.3f} F1 {best['val_f1']:.3f}; model: {out}/model.keras")
+        auc = f" AUC {best['val_auc']:.3f}" if "val_auc" in best else ""
+        click.echo(f"best epoch {best['epoch']}:{auc} val P {best['val_precision']:.3f} "
+                   f"R {best['val_recall']:.3f} F1 {best['val_f1']:.3f} at threshold "
+                   f"{best['val_best_threshold']:.3f}; model: {out}/model.keras")
     else:
         click.echo(f"model: {out}/model.keras")
+
+
+@main.command("train-cls")
+@click.option("--data", required=True, type=click.Path(), help="Shards from `prepare`/`mine`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--preset", default="paper", show_default=True,
+              type=click.Choice(["paper", "tiny"]), help="Named configuration.")
+@click.option("--init-weights", type=click.Path(), default=None,
+              help="Local Keras weights file (.weights.h5) of an Mclass or its backbone.")
+@click.option("--depth", type=click.Choice(["18", "34", "50", "101"]), default=None,
+              help="ResNet depth (default: the preset's, 34).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Global batch size.")
+@click.option("--steps-per-epoch", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--positive-share", type=float, default=None,
+              help="Share of mitosis patches in each batch (weighted sampling).")
+@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]),
+              default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--devices", default="", help="As for train-det.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Override any config field, e.g. --set model.width=0.5.")
+def train_cls(data, out, preset, init_weights, depth, epochs, batch_size, steps_per_epoch, lr,
+              positive_share, precision, seed, devices, overrides):
+    """Train Mclass (stage 2) on prepared cls shards; resumes an interrupted run in OUT."""
+    _import_tensorflow()
+    from focas_keras.models.mclass_config import preset as get_preset
+    from focas_keras.training.cls_trainer import train_cls as run_training
+
+    fields = {"model.depth": None if depth is None else int(depth), "train.epochs": epochs,
+              "train.batch_size": batch_size, "train.steps_per_epoch": steps_per_epoch,
+              "train.learning_rate": lr, "train.positive_share": positive_share,
+              "train.precision": precision, "train.seed": seed}
+    config = get_preset(preset).override(**_with_overrides(fields, overrides))
+    result = run_training(data, out, config, init_weights=init_weights,
+                          devices=_devices(devices), log=click.echo)
+    _report(result, out)
+
+
+@main.command()
+@click.option("--det", "det_run", required=True, type=click.Path(), help="A train-det run.")
+@click.option("--data", "source", required=True, type=click.Path(),
+              help="The dataset the shards were prepared from.")
+@click.option("--format", "fmt", required=True,
+              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]))
+@click.option("--out", "shard_dir", required=True, type=click.Path(),
+              help="The shard directory to add hard negatives to.")
+@click.option("--score-threshold", type=float, default=None,
+              help="Stage-1 score threshold (default: the run's inference threshold).")
+@click.option("--keep-tp", is_flag=True, help="Also add true-positive detections as positives.")
+@click.option("--radius", type=float, default=20.0, show_default=True,
+              help="A detection farther than this (px) from every mitosis is a false positive.")
+def mine(det_run, source, fmt, shard_dir, score_threshold, keep_tp, radius):
+    """Add Mdet's false positives on the TRAINING images as hard-negative cls patches."""
+    _import_tensorflow()
+    from data_tools.mine import mine_hard_negatives
+
+    summary = mine_hard_negatives(det_run, source, fmt, shard_dir,
+                                  score_threshold=score_threshold, keep_true_positives=keep_tp,
+                                  radius=radius, progress=True)
+    click.echo(f"mined {summary['false_positives']} hard negatives"
+               + (f" and {summary['true_positives']} true positives" if keep_tp else "")
+               + f" from {summary['images']} training images into {shard_dir}")
 
 
 @main.command()

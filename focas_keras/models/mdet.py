@@ -173,15 +173,60 @@ def pad_to_stride(images, stride: int):
     return images, (height, width)
 
 
+#: Inputs are padded to a multiple of C5's stride. The FPN's top-down path only needs C3-C5 to
+#: align; P6/P7 come from stride-2 'same' convs, whose ceil sizes match the decoder's
+#: ceil(H / stride) rule, so padding to 128 (P7) would only add work.
+INPUT_MULTIPLE = 32
+
+
 def detect_batch(model: keras.Model, images, config: MdetConfig, score_threshold=None) -> dict:
-    """Runs Mdet on a batch of float [B, H, W, 3] images (padded to the largest stride).
+    """Runs Mdet on a batch of float [B, H, W, 3] images in [0, 1] of any size.
+
+    The batch is zero-padded at the bottom/right to a multiple of :data:`INPUT_MULTIPLE`.
 
     Returns:
         :func:`decode_detections` output in the unpadded image's pixels.
     """
     images = tf.convert_to_tensor(images, tf.float32)
-    padded, (height, width) = pad_to_stride(images, max(config.strides))
+    padded, (height, width) = pad_to_stride(images, INPUT_MULTIPLE)
     outputs = model(padded, training=False)
     return decode_detections(outputs, padded.shape[1], padded.shape[2], config,
                              valid_height=height, valid_width=width,
                              score_threshold=score_threshold)
+
+
+def detect_image(model: keras.Model, image, config: MdetConfig, score_threshold=None):
+    """Mdet on one whole uint8 RGB image (H, W, 3).
+
+    Returns:
+        (boxes float32 (D, 4) x1, y1, x2, y2 pixels, scores float32 (D,)), best first.
+    """
+    batch = tf.cast(tf.convert_to_tensor(image)[None], tf.float32) / 255.0
+    dets = detect_batch(model, batch, config, score_threshold=score_threshold)
+    count = int(dets["num_detections"][0])
+    return dets["boxes"][0, :count].numpy(), dets["scores"][0, :count].numpy()
+
+
+def load_mdet_run(run_dir, which: str = "model"):
+    """The trained model and config of a ``train-det`` run directory.
+
+    Args:
+        run_dir: the run directory.
+        which: ``model`` (final) or ``best`` (best validation epoch).
+
+    Returns:
+        (keras.Model, MdetConfig).
+    """
+    import json
+    from pathlib import Path
+
+    from focas_keras.errors import InputError
+
+    run_dir = Path(run_dir)
+    path, config_path = run_dir / f"{which}.keras", run_dir / "config.json"
+    if not config_path.is_file():
+        raise InputError("not a train-det run (no config.json)", run_dir)
+    if not path.is_file():
+        raise InputError(f"no {which}.keras (training unfinished?)", run_dir)
+    config = MdetConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    return keras.saving.load_model(path, safe_mode=True), config

@@ -1,0 +1,179 @@
+"""Mclass configuration: frozen dataclasses, named presets, JSON round trip, flag overrides.
+
+Mclass is FoCasNet's stage-2 patch classifier (mitosis vs not): a ResNet with BatchNorm,
+global average pooling and one logit. ``crop_size`` is the side (px) of the crop taken around
+each stage-1 candidate at test time; crops are resized to ``model.input_size`` before scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from focas_keras.errors import InputError
+
+DEPTHS = (18, 34, 50, 101)
+OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class MclassModelConfig:
+    """ResNet (BatchNorm, no WS, no CBAM) of ``depth``, width multiplier, input side, dropout."""
+
+    depth: int = 34
+    width: float = 1.0
+    input_size: int = 64
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MclassTrainConfig:
+    """Optimisation, class balance of the batches, precision and augmentation."""
+
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    decay_epochs: tuple = ()
+    decay_factor: float = 0.1
+    clip_norm: float = 0.0
+    epochs: int = 20
+    batch_size: int = 64
+    steps_per_epoch: int = 0
+    positive_share: float = 0.5
+    precision: str = "float32"
+    augment: bool = True
+    seed: int = 0
+    label_smoothing: float = 0.0
+
+
+_SECTIONS = {"model": MclassModelConfig, "train": MclassTrainConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class MclassConfig:
+    """Everything that defines an Mclass run; saved as ``config.json`` next to its checkpoints."""
+
+    model: MclassModelConfig = MclassModelConfig()
+    train: MclassTrainConfig = MclassTrainConfig()
+    crop_size: int = 112
+
+    def validate(self) -> "MclassConfig":
+        """Raises InputError on the first invalid setting; returns self."""
+        m, t = self.model, self.train
+        checks = [
+            (m.depth in DEPTHS, f"model.depth must be one of 18/34/50/101, got {m.depth!r}"),
+            (_number(m.width) and m.width > 0, f"model.width must be > 0, got {m.width!r}"),
+            (_integer(m.input_size) and m.input_size >= 32,
+             f"model.input_size must be an integer >= 32, got {m.input_size!r}"),
+            (_number(m.dropout) and 0 <= m.dropout < 1,
+             f"model.dropout must be in [0, 1), got {m.dropout!r}"),
+            (t.optimizer in OPTIMIZERS,
+             f"train.optimizer must be sgd/adam/adamw, got {t.optimizer!r}"),
+            (_number(t.learning_rate) and t.learning_rate > 0,
+             f"train.learning_rate must be > 0, got {t.learning_rate!r}"),
+            (_number(t.weight_decay) and t.weight_decay >= 0,
+             f"train.weight_decay must be >= 0, got {t.weight_decay!r}"),
+            (_integer(t.warmup_steps) and t.warmup_steps >= 0,
+             f"train.warmup_steps must be an integer >= 0, got {t.warmup_steps!r}"),
+            (all(_integer(e) and e >= 1 for e in t.decay_epochs),
+             f"train.decay_epochs must hold integers >= 1, got {t.decay_epochs!r}"),
+            (_number(t.decay_factor) and 0 < t.decay_factor <= 1,
+             f"train.decay_factor must be in (0, 1], got {t.decay_factor!r}"),
+            (_number(t.clip_norm) and t.clip_norm >= 0,
+             f"train.clip_norm must be >= 0 (0: no clipping), got {t.clip_norm!r}"),
+            (_integer(t.epochs) and t.epochs >= 1,
+             f"train.epochs must be an integer >= 1, got {t.epochs!r}"),
+            (_integer(t.batch_size) and t.batch_size >= 1,
+             f"train.batch_size must be an integer >= 1, got {t.batch_size!r}"),
+            (_integer(t.steps_per_epoch) and t.steps_per_epoch >= 0,
+             f"train.steps_per_epoch must be an integer >= 0 (0: one pass), "
+             f"got {t.steps_per_epoch!r}"),
+            (_number(t.positive_share) and 0 < t.positive_share < 1,
+             f"train.positive_share must be in (0, 1), got {t.positive_share!r}"),
+            (t.precision in PRECISIONS,
+             f"train.precision must be float32, mixed_bfloat16 or mixed_float16, "
+             f"got {t.precision!r}"),
+            (_integer(t.seed), f"train.seed must be an integer, got {t.seed!r}"),
+            (_number(t.label_smoothing) and 0 <= t.label_smoothing < 1,
+             f"train.label_smoothing must be in [0, 1), got {t.label_smoothing!r}"),
+            (_integer(self.crop_size) and self.crop_size >= 1,
+             f"crop_size must be an integer >= 1, got {self.crop_size!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MclassConfig":
+        """Inverse of :meth:`to_dict` (lists become tuples); unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise InputError(f"config must be a JSON object, got {type(data).__name__}")
+        kwargs = {}
+        for key, value in data.items():
+            if key not in {f.name for f in dataclasses.fields(cls)}:
+                raise InputError(f"unknown config key '{key}'")
+            section_cls = _SECTIONS.get(key)
+            if section_cls is None:
+                kwargs[key] = value
+                continue
+            if not isinstance(value, dict):
+                raise InputError(f"config section '{key}' must be an object")
+            names = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = set(value) - names
+            if unknown:
+                raise InputError(f"unknown config key(s) {key}.{', '.join(sorted(unknown))}")
+            kwargs[key] = section_cls(**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in value.items()})
+        return cls(**kwargs)
+
+    def override(self, **dotted) -> "MclassConfig":
+        """A validated copy with ``section.field=value`` overrides (None values are skipped)."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            section, _, field = key.partition(".")
+            if field:
+                if not isinstance(data.get(section), dict) or field not in data[section]:
+                    raise InputError(f"unknown config field '{key}'")
+                data[section][field] = value
+            else:
+                if section not in data or isinstance(data[section], dict):
+                    raise InputError(f"unknown config field '{key}'")
+                data[section] = value
+        return MclassConfig.from_dict(data).validate()
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def preset(name: str) -> MclassConfig:
+    """Named configurations.
+
+    ``paper``: ResNet-34 (BatchNorm), 64 px input, 112 px test crops, Adam lr 1e-4, 20 epochs,
+    batch 64 with half mitosis patches. ``tiny``: ResNet-18 at width 0.25, Adam lr 2e-3,
+    4 epochs, batch 32 -- a couple of CPU minutes (tests, demo).
+    """
+    if name == "paper":
+        return MclassConfig().validate()
+    if name == "tiny":
+        return MclassConfig(
+            model=MclassModelConfig(depth=18, width=0.25, input_size=64),
+            train=MclassTrainConfig(optimizer="adam", learning_rate=2e-3, epochs=4,
+                                    batch_size=32),
+        ).validate()
+    raise InputError(f"unknown preset '{name}' (known: paper, tiny)")

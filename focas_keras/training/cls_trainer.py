@@ -1,0 +1,154 @@
+"""``focas-keras train-cls``: Mclass on cls shards (balanced batches), through the shared loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from focas_keras.data import pipeline
+from focas_keras.data.augment import AugmentConfig
+from focas_keras.errors import InputError
+from focas_keras.models.mclass import build_mclass, load_init_weights
+from focas_keras.models.mclass_config import MclassConfig
+from focas_keras.training.loop import LoopSpec, run_training
+
+
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve (rank statistic, ties counted half); 0.5 when one class."""
+    labels = np.asarray(labels, bool)
+    scores = np.asarray(scores, np.float64)
+    pos, neg = scores[labels], scores[~labels]
+    if not len(pos) or not len(neg):
+        return 0.5
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    values = np.concatenate([pos, neg])[order]
+    # average ranks over ties
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2)
+                 / (len(pos) * len(neg)))
+
+
+def threshold_metrics(labels, scores) -> dict:
+    """Precision/recall at 0.5 and the best-F1 threshold with its precision/recall/F1."""
+    labels = np.asarray(labels, bool)
+    scores = np.asarray(scores, np.float64)
+
+    def prf(threshold):
+        predicted = scores >= threshold
+        tp = float((predicted & labels).sum())
+        precision = tp / predicted.sum() if predicted.sum() else 0.0
+        recall = tp / labels.sum() if labels.sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return precision, recall, f1
+
+    p05, r05, _ = prf(0.5)
+    best = (0.5, *prf(0.5))
+    for threshold in np.unique(scores):
+        candidate = (float(threshold), *prf(threshold))
+        if candidate[3] > best[3]:
+            best = candidate
+    return {"val_precision_at_0.5": p05, "val_recall_at_0.5": r05,
+            "val_best_threshold": best[0], "val_precision": best[1], "val_recall": best[2],
+            "val_f1": best[3]}
+
+
+def predict_split(model, data_dir, split: str, batch_size: int):
+    """(labels, probabilities) over every patch of a split, unaugmented, in shard order."""
+    labels, scores = [], []
+    for images, y in pipeline.cls_dataset(data_dir, split, batch_size=batch_size,
+                                          shuffle=False, verify=False):
+        labels.append(y.numpy())
+        scores.append(tf.sigmoid(model(images, training=False))[:, 0].numpy())
+    return np.concatenate(labels), np.concatenate(scores)
+
+
+def validate(model, data_dir, batch_size: int) -> dict:
+    """Validation loss, ROC AUC, P/R at 0.5 and the best-F1 threshold."""
+    labels, scores = predict_split(model, data_dir, "val", batch_size)
+    eps = 1e-7
+    clipped = np.clip(scores, eps, 1 - eps)
+    loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+    return {"val_loss": float(loss), "val_auc": roc_auc(labels, scores),
+            **threshold_metrics(labels, scores)}
+
+
+def _describe(metrics: dict) -> str:
+    text = f"loss {metrics['loss_total']:.4f}"
+    if "val_auc" in metrics:
+        text += (f", val loss {metrics['val_loss']:.4f} AUC {metrics['val_auc']:.3f} "
+                 f"P {metrics['val_precision']:.3f} R {metrics['val_recall']:.3f} "
+                 f"F1 {metrics['val_f1']:.3f} at {metrics['val_best_threshold']:.2f}")
+    return text
+
+
+def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, devices=None,
+              log=print) -> dict:
+    """Trains Mclass on prepared cls shards (or resumes the interrupted run in ``run_dir``).
+
+    Args:
+        data_dir: shards from ``focas-keras prepare`` (plus ``focas-keras mine``).
+        run_dir: run directory (see :func:`focas_keras.training.loop.run_training`).
+        config: resolved configuration.
+        init_weights: optional local weights file for the initial model (e.g. ImageNet
+            ResNet-34 converted by the user); nothing is downloaded.
+        devices: devices for MirroredStrategy (None: automatic).
+        log: where progress lines go.
+
+    Returns:
+        The final metrics dict.
+    """
+    config.validate()
+    data_dir = Path(data_dir)
+    manifest = pipeline.load_manifest(data_dir)
+    size = config.model.input_size
+    if manifest["patch_size"] != size:
+        raise InputError(f"shards hold {manifest['patch_size']} px patches but the config's "
+                         f"input_size is {size}", data_dir)
+    counts = manifest["splits"]["train"]["cls"]
+    if not counts["positive"] or not counts["negative"]:
+        raise InputError("cls training split needs both mitosis and non-mitosis patches",
+                         data_dir)
+    pipeline.verify_shards(data_dir, pipeline.shard_entries(manifest, "cls", "train")
+                           + pipeline.shard_entries(manifest, "cls", "val"))
+    has_val = manifest["splits"].get("val", {}).get("cls", {}).get("records", 0) > 0
+    if init_weights is not None and not Path(init_weights).is_file():
+        raise InputError("initial weights file not found", init_weights)
+    t = config.train
+    steps = t.steps_per_epoch or max(1, counts["records"] // t.batch_size)
+    augment = AugmentConfig(translate_px=4) if t.augment else None
+
+    def build():
+        model = build_mclass(config)
+        if init_weights is not None:
+            load_init_weights(model, init_weights)
+        return model
+
+    def losses(model, images, labels):
+        logits = tf.cast(model(images, training=True)[:, 0], tf.float32)
+        targets = labels * (1 - t.label_smoothing) + 0.5 * t.label_smoothing
+        return {"total": tf.nn.sigmoid_cross_entropy_with_logits(targets, logits)}
+
+    def train_dataset(epoch):
+        return pipeline.cls_dataset(data_dir, "train", batch_size=t.batch_size, augment=augment,
+                                    positive_share=t.positive_share,
+                                    seed=t.seed * 100003 + epoch, deterministic=True,
+                                    drop_remainder=True, verify=False).take(steps)
+
+    spec = LoopSpec(
+        identity={"kind": "mclass", "config": config.to_dict(), "data": str(data_dir.resolve()),
+                  "data_shards": [e["sha256"] for e in manifest["shards"] if e["kind"] == "cls"],
+                  "init_weights": None if init_weights is None else str(init_weights)},
+        config_json=config.to_json(), train=t, steps_per_epoch=steps, build_model=build,
+        losses=losses, train_dataset=train_dataset,
+        validate=(lambda model: validate(model, data_dir, 256)) if has_val else None,
+        score=lambda m: m["val_auc"] if has_val else -m["loss_total"], describe=_describe)
+    return run_training(spec, run_dir, devices, log)
