@@ -70,7 +70,7 @@ def _slides(value: str) -> tuple:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="focas-keras")
 def main():
-    """FoCasNet mitosis detection: synthetic data, shards, and training of the detector."""
+    """FoCasNet mitosis detection: data, training of both stages, detection, evaluation."""
 
 
 @main.command()
@@ -337,20 +337,122 @@ def mine(det_run, source, fmt, shard_dir, score_threshold, keep_tp, radius):
 
 
 @main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--det", "det_run", required=True, type=click.Path(), help="A train-det run.")
+@click.option("--cls", "cls_run", required=True, type=click.Path(), help="A train-cls run.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory (detections.csv, detections.geojson, counts.csv, "
+                   "overlays/).")
+@click.option("--mpp", type=float, default=0.2456, show_default=True,
+              help="Pixel size of the input images (um/px).")
+@click.option("--model-mpp", type=float, default=None,
+              help="Pixel size the models were trained at (default: --mpp); images are "
+                   "rescaled to it and results mapped back.")
+@click.option("--tile", type=int, default=0, show_default=True,
+              help="Run Mdet in tiles of this side (px, multiple of 32); 0 = whole image.")
+@click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap (px).")
+@click.option("--tile-batch", type=int, default=8, show_default=True, help="Tiles per batch.")
+@click.option("--det-threshold", type=float, default=None,
+              help="Stage-1 score threshold (default: the Mdet run's, 0.05).")
+@click.option("--cls-threshold", type=float, default=None,
+              help="Stage-2 acceptance threshold (default: the Mclass run's best-F1 value).")
+@click.option("--patch", type=int, default=None,
+              help="Crop side around each candidate (default: the Mclass run's, 112).")
+@click.option("--which", type=click.Choice(["best", "model"]), default="best",
+              show_default=True, help="Use each run's best or final model.")
+@click.option("--no-overlays", is_flag=True, help="Skip the overlay images.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def detect(inputs, det_run, cls_run, out, mpp, model_mpp, tile, overlap, tile_batch,
+           det_threshold, cls_threshold, patch, which, no_overlays, overwrite):
+    """Find mitoses in INPUTS (images or directories of .bmp/.png/.jpg/.tif HPFs)."""
+    _import_tensorflow()
+    from focas_keras.inference.cascade import Cascade, CascadeSettings, list_inputs
+    from focas_keras.inference.outputs import detect_to_dir
+
+    files = list_inputs(inputs)
+    settings = CascadeSettings(mpp=mpp, model_mpp=model_mpp, tile=tile, overlap=overlap,
+                               tile_batch=tile_batch, det_threshold=det_threshold,
+                               cls_threshold=cls_threshold, patch=patch)
+    cascade = Cascade.from_runs(det_run, cls_run, settings, which=which)
+    counts = detect_to_dir(cascade, files, out, overlays=not no_overlays, progress=True,
+                           overwrite=overwrite)
+    click.echo(f"{int(counts['accepted'].sum())} mitoses accepted of "
+               f"{int(counts['candidates'].sum())} candidates in {len(files)} images "
+               f"(stage-2 threshold {cascade.cls_threshold:.3f}); results in {out}")
+
+
+@main.command()
+@click.option("--truth", required=True, type=click.Path(),
+              help="Ground truth: a centroid CSV (image,x,y) or a dataset (with --format).")
+@click.option("--format", "fmt", default=None,
+              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]),
+              help="Dataset format of --truth (omit for a centroid CSV).")
+@click.option("--pred", required=True, type=click.Path(), help="detections.csv from `detect`.")
+@click.option("--radius-px", type=float, default=None, help="Match radius in px (default 20).")
+@click.option("--radius-um", type=float, default=None,
+              help="Match radius in um (converted with the truth's pixel size).")
+@click.option("--matching", type=click.Choice(["one_to_one", "nearest"]), default="one_to_one",
+              show_default=True,
+              help="one_to_one: the contest rule. nearest: the published FoCasNet code's rule "
+                   "(nearest prediction per ground truth, strictly < radius, not one-to-one).")
+@click.option("--score", type=click.Choice(["cls", "det"]), default="cls", show_default=True,
+              help="Score that ranks predictions (stage 2 or stage 1).")
+@click.option("--threshold", type=float, default=None,
+              help="Keep predictions with score >= this instead of the `accepted` column.")
+@click.option("--sweep", "sweep_png", type=click.Path(), default=None,
+              help="Also evaluate every threshold of both scores; write the PR curve PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(truth, fmt, pred, radius_px, radius_um, matching, score, threshold, sweep_png,
+             as_json):
+    """Precision, recall and F1 of detections against ground-truth centroids."""
+    import json
+
+    from focas_keras.evaluation import evaluate as ev
+
+    gt = ev.read_truth(truth, fmt)
+    preds = ev.read_predictions(pred)
+    radius = ev.radius_from(radius_px, radius_um, ev.truth_mpp(gt))
+    result = ev.evaluate(gt, preds, radius, score=score, matching=matching,
+                         accepted_only=threshold is None, threshold=threshold)
+    if sweep_png:
+        from focas_keras.evaluation.plots import pr_curve_png
+
+        curves, points, result["sweep"] = {}, {}, {}
+        for name in ("cls", "det"):
+            swept = ev.sweep(gt, preds, radius, score=name)
+            label = {"cls": "cascade (stage-2 score)", "det": "stage 1 alone"}[name]
+            curves[label] = (swept["recall"], swept["precision"])
+            best = swept["best"]
+            points[label] = (best["recall"], best["precision"])
+            result["sweep"][name] = best
+        pr_curve_png(curves, sweep_png, points)
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+        return
+    click.echo(ev.format_table(result))
+    for name, best in result.get("sweep", {}).items():
+        threshold_text = "none" if best["threshold"] is None else f"{best['threshold']:.4f}"
+        click.echo(f"best F1 over {name}_score thresholds: {best['f1']:.3f} at "
+                   f"{threshold_text} (P {best['precision']:.3f}, R {best['recall']:.3f})")
+    if sweep_png:
+        click.echo(f"precision-recall curve: {sweep_png}")
+
+
+@main.command()
 @click.option("--out", default="focas_demo", show_default=True, type=click.Path(file_okay=False),
               help="Working directory of the demo (replaced if it exists).")
-@click.option("--images", default=8, show_default=True, help="Synthetic images.")
-@click.option("--size", default=768, show_default=True, help="Synthetic image side (px).")
-@click.option("--seed", default=0, show_default=True, help="Seed of data and split.")
-def demo(out, images, size, seed):
-    """Run the pipeline end to end on synthetic data (today: synth -> prepare -> tf.data).
-
-    Training of Mdet / Mclass, detection and evaluation join the demo as they land.
-    """
+@click.option("--images", default=12, show_default=True,
+              help="Synthetic fields for training and validation.")
+@click.option("--test-images", default=4, show_default=True, help="Held-out synthetic fields.")
+@click.option("--size", default=1024, show_default=True, help="Synthetic field side (px).")
+@click.option("--seed", default=0, show_default=True, help="Seed of data, split and training.")
+def demo(out, images, test_images, size, seed):
+    """The whole cascade on synthetic data: synth, prepare, train Mdet, mine, train Mclass,
+    detect on held-out fields, evaluate stage 1 alone and the cascade."""
     _import_tensorflow()
     from focas_keras.demo import run_demo
 
-    run_demo(out, images=images, size=size, seed=seed, echo=click.echo)
+    run_demo(out, images=images, size=size, test_images=test_images, seed=seed, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from focas_keras.cli import main
 
-SUBCOMMANDS = ["synth", "prepare", "inspect", "train-det", "train-cls", "mine", "demo"]
+SUBCOMMANDS = ["synth", "prepare", "inspect", "train-det", "train-cls", "mine", "detect", "evaluate", "demo"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

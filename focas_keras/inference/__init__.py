@@ -1,0 +1,9 @@
+"""Inference on whole images: the two-stage cascade and what ``focas-keras detect`` writes.
+
+``cascade`` (needs TensorFlow): :class:`~focas_keras.inference.cascade.CascadeSettings`,
+:class:`~focas_keras.inference.cascade.Cascade` (``from_runs``, ``stage1``, ``stage2``,
+``run``) and ``list_inputs``. ``outputs`` (NumPy/pandas/OpenCV only): detections CSV, QuPath
+GeoJSON, counts per mm^2, overlays, and ``detect_to_dir``, the whole ``detect`` command.
+
+Nothing is imported here, so that ``outputs`` can be used without loading TensorFlow.
+"""

@@ -1,0 +1,407 @@
+"""The FoCasNet cascade on whole images: Mdet candidates (stage 1), Mclass verification (stage 2).
+
+Stage 1 runs Mdet on the whole image or on overlapping tiles. Each tile *owns* the box centres
+up to the middle of its overlaps with its neighbours and keeps only those detections, so an
+object no larger than the overlap is taken from a tile holding it whole, never as a copy cut by
+a tile edge; class-agnostic NMS in image coordinates then merges whatever still overlaps.
+Stage 2 scores a reflect-padded crop around each candidate centre. With ``model_mpp`` set, both
+stages run on the image resized by ``mpp / model_mpp``; boxes come back in input pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from data_tools import sampling
+from data_tools.annotations import ICPR2012_MPP, IMAGE_EXTENSIONS
+from focas_keras.errors import InputError
+from focas_keras.models.mclass import predict_proba
+from focas_keras.models.mclass_config import MclassConfig
+from focas_keras.models.mdet import INPUT_MULTIPLE, detect_batch, load_mdet_run
+
+#: Columns of :meth:`Cascade.run`'s table.
+RESULT_COLUMNS = ["x", "y", "x1", "y1", "x2", "y2", "det_score", "cls_score", "accepted"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeSettings:
+    """How the cascade runs on an image; validated on construction (:class:`InputError`).
+
+    Attributes:
+        mpp: pixel size of the input images (um/px).
+        model_mpp: pixel size the models were trained at; None: the same as ``mpp``. When it
+            differs, images are resized by ``mpp / model_mpp`` for both stages and the results
+            are mapped back to input pixels.
+        tile: 0 runs Mdet on the whole image at once; otherwise the tile side (px, a multiple
+            of 32), in model pixels.
+        overlap: overlap of neighbouring tiles (px, < ``tile``); objects up to this size are
+            always seen whole by some tile.
+        tile_batch: tiles per Mdet forward pass.
+        det_threshold: stage-1 score threshold; None: the det run's
+            ``inference.score_threshold``.
+        cls_threshold: stage-2 acceptance threshold (``cls_score >= cls_threshold``); None: the
+            cls run's validation-best threshold (see :func:`run_cls_threshold`), else 0.5.
+        patch: side (px, model pixels) of the crop around each candidate centre, resized to the
+            Mclass input; None: the cls run's ``crop_size`` (112, as in the paper).
+        cls_batch: crops per Mclass forward pass.
+        nms_iou: IoU of the class-agnostic NMS in image coordinates; None: the det run's
+            ``inference.nms_iou``.
+    """
+
+    mpp: float = ICPR2012_MPP
+    model_mpp: float | None = None
+    tile: int = 0
+    overlap: int = 64
+    tile_batch: int = 8
+    det_threshold: float | None = None
+    cls_threshold: float | None = None
+    patch: int | None = None
+    cls_batch: int = 256
+    nms_iou: float | None = None
+
+    def __post_init__(self):
+        def integer(v, low=0):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
+
+        def number(v, low=0.0, high=math.inf, open_low=False):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            return ok and (v > low if open_low else v >= low) and v <= high
+
+        rules = [  # (name, value, may be None, valid, what it must be)
+            ("mpp", self.mpp, False, number(self.mpp, open_low=True), "> 0"),
+            ("model mpp", self.model_mpp, True, number(self.model_mpp, open_low=True), "> 0"),
+            ("tile", self.tile, False, integer(self.tile) and self.tile % INPUT_MULTIPLE == 0,
+             f"0 (whole image) or a positive multiple of {INPUT_MULTIPLE}"),
+            ("overlap", self.overlap, False,
+             integer(self.overlap) and (self.tile == 0 or self.overlap < self.tile),
+             "an integer >= 0 and below the tile"),
+            ("tile batch", self.tile_batch, False, integer(self.tile_batch, 1), "an integer >= 1"),
+            ("detection threshold", self.det_threshold, True, number(self.det_threshold, 0, 1),
+             "in [0, 1]"),
+            ("classification threshold", self.cls_threshold, True,
+             number(self.cls_threshold, 0, 1), "in [0, 1]"),
+            ("patch", self.patch, True, integer(self.patch, 1), "an integer >= 1"),
+            ("classification batch", self.cls_batch, False, integer(self.cls_batch, 1),
+             "an integer >= 1"),
+            ("NMS IoU", self.nms_iou, True, number(self.nms_iou, 0, 1, open_low=True),
+             "in (0, 1]")]
+        for name, value, optional, valid, rule in rules:
+            if not (valid or (optional and value is None)):
+                raise InputError(f"{name} must be {rule}, got {value!r}")
+
+    @property
+    def scale(self) -> float:
+        """Model pixels per input pixel (``mpp / model_mpp``; 1 without rescaling)."""
+        return 1.0 if self.model_mpp is None else float(self.mpp) / float(self.model_mpp)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins along one axis: every ``tile - overlap`` px, the last flush with the end.
+
+    A length up to ``tile`` gives one tile at 0 (padded by the caller when shorter).
+    """
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, tile - overlap))
+    starts.append(length - tile)
+    return starts
+
+
+def _ownership(starts: list[int], tile: int) -> list[tuple[float, float]]:
+    """Half-open ``[lo, hi)`` centre range each tile keeps: up to the middle of each overlap."""
+    bounds = []
+    for i, start in enumerate(starts):
+        lo = -math.inf if i == 0 else (starts[i - 1] + tile + start) / 2.0
+        hi = math.inf if i == len(starts) - 1 else (start + tile + starts[i + 1]) / 2.0
+        bounds.append((lo, hi))
+    return bounds
+
+
+def crop_patches(image: np.ndarray, centres, size: int) -> np.ndarray:
+    """``size`` px crops centred on ``centres``, reflect-padded where they leave the image.
+
+    Args:
+        image: uint8 (H, W, 3).
+        centres: (N, 2) x, y pixels; rounded to the nearest pixel and clamped into the image.
+        size: crop side; the centre pixel lands at row and column ``size // 2``.
+
+    Returns:
+        uint8 (N, size, size, 3).
+    """
+    height, width = image.shape[:2]
+    centres = np.round(np.asarray(centres, np.float64).reshape(-1, 2)).astype(np.int64)
+    if not len(centres):
+        return np.zeros((0, size, size, 3), np.uint8)
+    centres[:, 0] = np.clip(centres[:, 0], 0, width - 1)
+    centres[:, 1] = np.clip(centres[:, 1], 0, height - 1)
+    half = size // 2
+    return np.stack([sampling.crop(image, int(cx) - half, int(cy) - half, size)
+                     for cx, cy in centres])
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"invalid JSON: {err.msg}", path, err.lineno) from None
+    except OSError as err:
+        raise InputError(f"cannot read ({err.strerror or err})", path) from None
+
+
+def run_cls_threshold(cls_run, which: str = "best", default: float = 0.5) -> float:
+    """The acceptance threshold a ``train-cls`` run found best on its validation data.
+
+    ``best.json``'s ``metrics.val_best_threshold`` for ``which="best"``; for ``"model"`` (the
+    final weights) the last epoch's value in ``metrics.json``, else ``best.json``'s. ``default``
+    when the run has neither (no validation data).
+    """
+    cls_run = Path(cls_run)
+    candidates = []
+    if which == "model" and (cls_run / "metrics.json").is_file():
+        last = _read_json(cls_run / "metrics.json").get("last") or {}
+        candidates.append(last.get("val_best_threshold"))
+    if (cls_run / "best.json").is_file():
+        metrics = _read_json(cls_run / "best.json").get("metrics") or {}
+        candidates.append(metrics.get("val_best_threshold"))
+    for value in candidates:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+            return float(value)
+    return float(default)
+
+
+def _pick_checkpoint(run_dir: Path, which: str) -> str:
+    if which not in ("best", "model"):
+        raise InputError(f"checkpoint must be 'best' or 'model', got {which!r}")
+    if not run_dir.is_dir():
+        raise InputError("run directory not found", run_dir)
+    return "best" if which == "best" and (run_dir / "best.keras").is_file() else "model"
+
+
+class Cascade:
+    """Mdet + Mclass on whole images; thresholds resolved once, at construction.
+
+    Args:
+        det_model, det_config: Mdet and its :class:`MdetConfig`.
+        cls_model, cls_config: Mclass and its :class:`MclassConfig`.
+        settings: how to run.
+        cls_threshold_default: the acceptance threshold when ``settings.cls_threshold`` is None
+            (e.g. the run's validation-best threshold).
+
+    Attributes:
+        det_threshold, cls_threshold, nms_iou, patch: the resolved settings in use.
+    """
+
+    def __init__(self, det_model, det_config, cls_model, cls_config: MclassConfig,
+                 settings: CascadeSettings = CascadeSettings(), cls_threshold_default=0.5):
+        self.det_model, self.det_config = det_model, det_config
+        self.cls_model, self.cls_config = cls_model, cls_config
+        self.settings = settings
+        inference, s = det_config.inference, settings
+        self.det_threshold = float(inference.score_threshold if s.det_threshold is None
+                                   else s.det_threshold)
+        self.cls_threshold = float(cls_threshold_default if s.cls_threshold is None
+                                   else s.cls_threshold)
+        self.nms_iou = float(inference.nms_iou if s.nms_iou is None else s.nms_iou)
+        self.patch = int(cls_config.crop_size if s.patch is None else s.patch)
+
+    @classmethod
+    def from_runs(cls, det_run, cls_run, settings: CascadeSettings = CascadeSettings(),
+                  which: str = "best") -> "Cascade":
+        """Loads a ``train-det`` and a ``train-cls`` run directory.
+
+        Args:
+            det_run, cls_run: the run directories.
+            settings: how to run; its None thresholds come from the runs.
+            which: ``best`` (``best.keras``, falling back to ``model.keras`` where a run has no
+                best checkpoint) or ``model`` (the final weights).
+
+        Raises:
+            InputError: a missing directory, config or checkpoint, or an unreadable file.
+        """
+        det_run, cls_run = Path(det_run), Path(cls_run)
+        det_model, det_config = load_mdet_run(det_run, _pick_checkpoint(det_run, which))
+        cls_which = _pick_checkpoint(cls_run, which)
+        config_path, model_path = cls_run / "config.json", cls_run / f"{cls_which}.keras"
+        if not config_path.is_file():
+            raise InputError("not a train-cls run (no config.json)", cls_run)
+        cls_config = MclassConfig.from_dict(_read_json(config_path)).validate()
+        if not model_path.is_file():
+            raise InputError(f"no {cls_which}.keras (training unfinished?)", cls_run)
+        try:
+            cls_model = keras.saving.load_model(model_path, safe_mode=True)
+        except (ValueError, OSError) as err:
+            raise InputError(f"cannot load the model ({err})", model_path) from None
+        return cls(det_model, det_config, cls_model, cls_config, settings,
+                   run_cls_threshold(cls_run, cls_which))
+
+    # ------------------------------------------------------------------ overridable models
+
+    def _detect_tiles(self, batch: np.ndarray) -> list:
+        """Mdet on float32 [N, h, w, 3] images in [0, 1]; per image (boxes (D, 4), scores)."""
+        dets = detect_batch(self.det_model, batch, self.det_config,
+                            score_threshold=self.det_threshold)
+        counts = dets["num_detections"].numpy()
+        boxes, scores = dets["boxes"].numpy(), dets["scores"].numpy()
+        return [(boxes[i, :n], scores[i, :n]) for i, n in enumerate(counts)]
+
+    def _classify(self, patches: np.ndarray) -> np.ndarray:
+        """Mclass probabilities of uint8 [N, P, P, 3] crops."""
+        return predict_proba(self.cls_model, patches, self.cls_config.model.input_size,
+                             self.settings.cls_batch)
+
+    # ------------------------------------------------------------------ stages
+
+    def model_image(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """The image in model pixels and the (x, y) scale factors from input pixels."""
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or not image.size:
+            raise ValueError(f"expected a uint8 RGB (H, W, 3) image, got {image.dtype} "
+                             f"{image.shape}")
+        factor = self.settings.scale
+        if factor == 1.0:
+            return image, 1.0, 1.0
+        height, width = image.shape[:2]
+        size = (max(1, int(round(width * factor))), max(1, int(round(height * factor))))
+        interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+        resized = cv2.resize(image, size, interpolation=interp)
+        return resized, size[0] / width, size[1] / height
+
+    def _stage1_model(self, image: np.ndarray):
+        """Stage 1 on an image already in model pixels; boxes in those pixels."""
+        height, width = image.shape[:2]
+        tile = self.settings.tile
+        found = []
+        if tile == 0:
+            boxes, scores = self._detect_tiles(image[None].astype(np.float32) / 255.0)[0]
+            found.append((np.asarray(boxes, np.float32), np.asarray(scores, np.float32)))
+        else:
+            padded = image
+            if height < tile or width < tile:
+                padded = np.zeros((max(height, tile), max(width, tile), 3), np.uint8)
+                padded[:height, :width] = image
+            ys = tile_starts(padded.shape[0], tile, self.settings.overlap)
+            xs = tile_starts(padded.shape[1], tile, self.settings.overlap)
+            y_own, x_own = _ownership(ys, tile), _ownership(xs, tile)
+            cells = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
+            step = self.settings.tile_batch
+            for start in range(0, len(cells), step):
+                chunk = cells[start:start + step]
+                batch = np.stack([padded[ys[i]:ys[i] + tile, xs[j]:xs[j] + tile]
+                                  for i, j in chunk]).astype(np.float32) / 255.0
+                for (i, j), (boxes, scores) in zip(chunk, self._detect_tiles(batch)):
+                    boxes = np.asarray(boxes, np.float32).reshape(-1, 4) + np.array(
+                        [xs[j], ys[i], xs[j], ys[i]], np.float32)
+                    cx = (boxes[:, 0] + boxes[:, 2]) / 2.0
+                    cy = (boxes[:, 1] + boxes[:, 3]) / 2.0
+                    keep = ((cx >= x_own[j][0]) & (cx < x_own[j][1])
+                            & (cy >= y_own[i][0]) & (cy < y_own[i][1]))
+                    found.append((boxes[keep], np.asarray(scores, np.float32).reshape(-1)[keep]))
+        boxes = np.concatenate([b for b, _ in found]).reshape(-1, 4)
+        scores = np.concatenate([s for _, s in found]).reshape(-1)
+        boxes = np.stack([np.clip(boxes[:, 0], 0, width), np.clip(boxes[:, 1], 0, height),
+                          np.clip(boxes[:, 2], 0, width), np.clip(boxes[:, 3], 0, height)], 1)
+        keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+                & (scores >= self.det_threshold))
+        boxes, scores = boxes[keep].astype(np.float32), scores[keep].astype(np.float32)
+        if not len(boxes):
+            return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+        order = tf.image.non_max_suppression(boxes[:, [1, 0, 3, 2]], scores,
+                                             max_output_size=len(boxes),
+                                             iou_threshold=self.nms_iou).numpy()
+        return boxes[order], scores[order]
+
+    def _stage2_model(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """Stage 2 on an image and boxes in model pixels."""
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0
+        scores = [np.zeros((0,), np.float32)]
+        for start in range(0, len(centres), self.settings.cls_batch):
+            patches = crop_patches(image, centres[start:start + self.settings.cls_batch],
+                                   self.patch)
+            scores.append(np.asarray(self._classify(patches), np.float32).reshape(-1))
+        return np.concatenate(scores)
+
+    def stage1(self, image: np.ndarray):
+        """Stage-1 candidates of a uint8 RGB (H, W, 3) image.
+
+        Returns:
+            (boxes float32 (D, 4) x1, y1, x2, y2 input pixels, det_scores float32 (D,)), best
+            first, after the threshold and class-agnostic NMS.
+        """
+        resized, sx, sy = self.model_image(image)
+        boxes, scores = self._stage1_model(resized)
+        return boxes / np.array([sx, sy, sx, sy], np.float32), scores
+
+    def stage2(self, image: np.ndarray, boxes) -> np.ndarray:
+        """Mclass scores (float32 (D,)) of candidate boxes given in input pixels."""
+        resized, sx, sy = self.model_image(image)
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
+        return self._stage2_model(resized, boxes)
+
+    def run(self, image: np.ndarray) -> pd.DataFrame:
+        """Both stages on one uint8 RGB image.
+
+        Returns:
+            One row per candidate, columns :data:`RESULT_COLUMNS` (x, y: box centre; input
+            pixels), ``accepted`` = ``cls_score >= cls_threshold``; sorted by det_score, best
+            first.
+        """
+        resized, sx, sy = self.model_image(image)
+        boxes, det_scores = self._stage1_model(resized)
+        cls_scores = self._stage2_model(resized, boxes)
+        boxes = boxes.astype(np.float64) / np.array([sx, sy, sx, sy])
+        order = np.argsort(-det_scores, kind="stable")
+        boxes, det_scores, cls_scores = boxes[order], det_scores[order], cls_scores[order]
+        return pd.DataFrame({
+            "x": (boxes[:, 0] + boxes[:, 2]) / 2.0, "y": (boxes[:, 1] + boxes[:, 3]) / 2.0,
+            "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
+            "det_score": det_scores.astype(np.float64),
+            "cls_score": cls_scores.astype(np.float64),
+            "accepted": cls_scores >= self.cls_threshold,
+        }, columns=RESULT_COLUMNS)
+
+
+def list_inputs(paths) -> list[Path]:
+    """Image files named by ``paths``: files as given, directories expanded (sorted).
+
+    A directory contributes the files with :data:`IMAGE_EXTENSIONS` directly inside it.
+
+    Raises:
+        InputError: a path that does not exist, a file that is not an image by its extension,
+            a directory holding no image, or two inputs with the same file stem (the stem
+            names the image in every output).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files, seen = [], {}
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in directory", path)
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise InputError(f"not an image file ({', '.join(IMAGE_EXTENSIONS)})", path)
+            found = [path]
+        else:
+            raise InputError("input not found", path)
+        for file in found:
+            if file.stem in seen:
+                raise InputError(f"duplicate image name '{file.stem}' (also {seen[file.stem]})",
+                                 file)
+            seen[file.stem] = file
+            files.append(file)
+    if not files:
+        raise InputError("no input images given")
+    return files
