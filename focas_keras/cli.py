@@ -355,15 +355,18 @@ def mine(det_run, source, fmt, shard_dir, score_threshold, keep_tp, radius):
 @click.option("--det-threshold", type=float, default=None,
               help="Stage-1 score threshold (default: the Mdet run's, 0.05).")
 @click.option("--cls-threshold", type=float, default=None,
-              help="Stage-2 acceptance threshold (default: the Mclass run's best-F1 value).")
+              help="Stage-2 acceptance threshold (default: the Mclass run's best-F1 value, "
+                   "at least 0.5).")
 @click.option("--patch", type=int, default=None,
               help="Crop side around each candidate (default: the Mclass run's, 112).")
+@click.option("--merge-px", type=float, default=30.0, show_default=True,
+              help="Accepted detections closer than this (px) to a better one are merged.")
 @click.option("--which", type=click.Choice(["best", "model"]), default="best",
               show_default=True, help="Use each run's best or final model.")
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay images.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def detect(inputs, det_run, cls_run, out, mpp, model_mpp, tile, overlap, tile_batch,
-           det_threshold, cls_threshold, patch, which, no_overlays, overwrite):
+           det_threshold, cls_threshold, patch, merge_px, which, no_overlays, overwrite):
     """Find mitoses in INPUTS (images or directories of .bmp/.png/.jpg/.tif HPFs)."""
     _import_tensorflow()
     from focas_keras.inference.cascade import Cascade, CascadeSettings, list_inputs
@@ -372,7 +375,7 @@ def detect(inputs, det_run, cls_run, out, mpp, model_mpp, tile, overlap, tile_ba
     files = list_inputs(inputs)
     settings = CascadeSettings(mpp=mpp, model_mpp=model_mpp, tile=tile, overlap=overlap,
                                tile_batch=tile_batch, det_threshold=det_threshold,
-                               cls_threshold=cls_threshold, patch=patch)
+                               cls_threshold=cls_threshold, patch=patch, merge_px=merge_px)
     cascade = Cascade.from_runs(det_run, cls_run, settings, which=which)
     counts = detect_to_dir(cascade, files, out, overlays=not no_overlays, progress=True,
                            overwrite=overwrite)
@@ -436,6 +439,39 @@ def evaluate(truth, fmt, pred, radius_px, radius_um, matching, score, threshold,
                    f"{threshold_text} (P {best['precision']:.3f}, R {best['recall']:.3f})")
     if sweep_png:
         click.echo(f"precision-recall curve: {sweep_png}")
+
+
+@main.command("patch-study")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--det", "det_run", required=True, type=click.Path(), help="A train-det run.")
+@click.option("--cls", "cls_run", required=True, type=click.Path(), help="A train-cls run.")
+@click.option("--truth", required=True, type=click.Path(),
+              help="Ground truth: a centroid CSV (image,x,y) or a dataset (with --format).")
+@click.option("--format", "fmt", default=None,
+              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]))
+@click.option("--sizes", default="64,112,128,256", show_default=True,
+              help="Comma-separated crop sides (px).")
+@click.option("--mpp", type=float, default=0.2456, show_default=True)
+@click.option("--model-mpp", type=float, default=None)
+@click.option("--radius-px", type=float, default=20.0, show_default=True)
+def patch_study(inputs, det_run, cls_run, truth, fmt, sizes, mpp, model_mpp, radius_px):
+    """Paper Table 2: stage 2 on the same stage-1 candidates with several crop sizes."""
+    _import_tensorflow()
+    from focas_keras.evaluation.evaluate import read_truth
+    from focas_keras.evaluation.patch_study import patch_size_study
+    from focas_keras.inference.cascade import Cascade, CascadeSettings, list_inputs
+
+    try:
+        size_list = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--sizes must be comma-separated integers, got '{sizes}'") from None
+    files = list_inputs(inputs)
+    cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(mpp=mpp, model_mpp=model_mpp))
+    rows = patch_size_study(cascade, files, read_truth(truth, fmt).points, size_list, radius_px)
+    click.echo(f"{'crop':>6s} {'TP':>5s} {'FP':>5s} {'FN':>5s}  precision  recall     F1")
+    for row in rows:
+        click.echo(f"{row['patch']:>6d} {row['tp']:>5d} {row['fp']:>5d} {row['fn']:>5d}  "
+                   f"{row['precision']:9.3f} {row['recall']:7.3f} {row['f1']:6.3f}")
 
 
 @main.command()

@@ -232,23 +232,42 @@ def test_real_tiny_models_from_runs(tmp_path):
         Cascade.from_runs(det_run, cls_run)
     build_mclass(cls_config).save(cls_run / "best.keras")
     (cls_run / "best.json").write_text(json.dumps(
-        {"score": 0.9, "metrics": {"val_best_threshold": 0.3}}))
+        {"score": 0.9, "metrics": {"val_best_threshold": 0.7}}))
     with pytest.raises(InputError, match="not found"):
         Cascade.from_runs(tmp_path / "nope", cls_run)
 
     image = np.random.default_rng(1).integers(0, 256, (200, 150, 3), dtype=np.uint8)
-    cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(det_threshold=0.0))
-    assert cascade.cls_threshold == 0.3 and cascade.det_threshold == 0.0
+    cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(det_threshold=0.0, merge_px=0))
+    assert cascade.cls_threshold == 0.7 and cascade.det_threshold == 0.0
     assert cascade.patch == 112 and cascade.nms_iou == det_config.inference.nms_iou
     whole = cascade.run(image)
     assert len(whole) > 0 and list(whole.columns) == RESULT_COLUMNS
     assert len(whole) <= det_config.inference.max_detections
     tiled_cascade = Cascade(cascade.det_model, det_config, cascade.cls_model, cls_config,
-                            CascadeSettings(det_threshold=0.0, tile=96, overlap=32, cls_batch=64),
+                            CascadeSettings(det_threshold=0.0, tile=96, overlap=32, cls_batch=64,
+                                            merge_px=0),
                             cls_threshold_default=0.3)
     tiled = tiled_cascade.run(image)
-    for table in (whole, tiled):
+    for table, threshold in ((whole, 0.7), (tiled, 0.3)):
         assert ((table.x1 >= 0) & (table.x2 <= 150) & (table.y1 >= 0) & (table.y2 <= 200)).all()
         assert ((table.cls_score >= 0) & (table.cls_score <= 1)).all()
-        np.testing.assert_array_equal(table.accepted, table.cls_score >= 0.3)
+        np.testing.assert_array_equal(table.accepted, table.cls_score >= threshold)
         assert isinstance(table, pd.DataFrame) and (np.diff(table.det_score) <= 0).all()
+    # A run threshold below the floor is raised to it; an explicit one is kept.
+    (cls_run / "best.json").write_text(json.dumps(
+        {"score": 0.9, "metrics": {"val_best_threshold": 0.01}}))
+    assert Cascade.from_runs(det_run, cls_run).cls_threshold == 0.5
+    assert Cascade.from_runs(det_run, cls_run,
+                             CascadeSettings(cls_threshold=0.01)).cls_threshold == 0.01
+
+
+def test_merge_points_keeps_one_detection_per_cell():
+    from focas_keras.inference.cascade import merge_points
+
+    centres = np.array([[100.0, 100.0], [112.0, 100.0], [160.0, 100.0], [101.0, 101.0]])
+    scores = np.array([0.6, 0.9, 0.8, 0.95])
+    accepted = np.array([True, True, True, False])
+    # 0.95 is not accepted, so it suppresses nothing; 0.9 at (112, 100) absorbs (100, 100).
+    assert merge_points(centres, scores, accepted, 30.0).tolist() == [False, True, True, False]
+    assert merge_points(centres, scores, accepted, 0.0).tolist() == accepted.tolist()
+

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from focas_keras.cli import main
 
-SUBCOMMANDS = ["synth", "prepare", "inspect", "train-det", "train-cls", "mine", "detect", "evaluate", "demo"]
+SUBCOMMANDS = ["synth", "prepare", "inspect", "train-det", "train-cls", "mine", "detect",
+               "evaluate", "patch-study", "demo"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -32,3 +32,23 @@ def test_best_f1_threshold():
     per_image = [([[0, 0], [100, 100], [200, 200]], [0.9, 0.3, 0.8], [[0, 0], [200, 200]])]
     threshold, counts = best_f1_threshold(per_image, 20)
     assert threshold == 0.8 and counts == Counts(2, 0, 0)
+
+
+def test_sweep_equals_brute_force_at_every_threshold():
+    from focas_keras.evaluation.matching import sweep_counts
+
+    rng = np.random.default_rng(0)
+    per_image = []
+    for _ in range(6):
+        gt = rng.uniform(0, 200, (rng.integers(0, 5), 2))
+        preds = rng.uniform(0, 200, (rng.integers(0, 12), 2))
+        scores = rng.choice([0.1, 0.3, 0.5, 0.7, 0.9], len(preds))  # many ties
+        per_image.append((preds, scores, gt))
+    thresholds, counts = sweep_counts(per_image, 30.0)
+    assert thresholds == sorted(thresholds, reverse=True)
+    for threshold, total in zip(thresholds, counts):
+        brute = Counts()
+        for p, s, g in per_image:
+            keep = s >= threshold
+            brute = brute + count_matches(p[keep], s[keep], g, 30.0)
+        assert total == brute

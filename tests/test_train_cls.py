@@ -56,8 +56,8 @@ def test_bad_inputs_exit_2(cls_shards, tmp_path):
     assert result.exit_code == 2 and "initial weights file not found" in result.output
     result = runner.invoke(main, ["train-cls", "--data", str(cls_shards), "--out",
                                   str(tmp_path / "r"), "--preset", "tiny",
-                                  "--set", "model.input_size=96"])
-    assert result.exit_code == 2 and "64 px patches" in result.output
+                                  "--set", "train.positive_share=1.5"])
+    assert result.exit_code == 2 and "positive_share" in result.output
     result = runner.invoke(main, ["train-cls", "--data", str(tmp_path), "--out",
                                   str(tmp_path / "r"), "--preset", "tiny"])
     assert result.exit_code == 2 and "no manifest.json" in result.output

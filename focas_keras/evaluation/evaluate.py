@@ -29,7 +29,7 @@ import pandas as pd
 
 from data_tools.annotations import ICPR2012_MPP, MITOSIS
 from focas_keras.errors import InputError
-from focas_keras.evaluation.matching import Counts, count_matches
+from focas_keras.evaluation.matching import Counts, count_matches, sweep_counts
 
 PREDICTION_COLUMNS = ("image", "x", "y", "x1", "y1", "x2", "y2", "det_score", "cls_score",
                       "accepted")
@@ -325,25 +325,10 @@ def sweep(truth, preds: pd.DataFrame, radius_px: float = DEFAULT_RADIUS_PX,
     keep = ~np.isnan(scores)
     scores, xy = scores[keep], preds[["x", "y"]].to_numpy(np.float64)[keep]
     images = preds["image"].astype(str).to_numpy()[keep]
-    taken = {image: np.zeros(len(gt), bool) for image, gt in points.items()}
     n_gt = sum(len(gt) for gt in points.values())
-    thresholds, tps, fps = [], [], []
-    tp = fp = 0
-    order = np.argsort(-scores, kind="stable")
-    for k, p in enumerate(order):
-        gt, free = points[images[p]], taken[images[p]]
-        distances = np.hypot(gt[:, 0] - xy[p, 0], gt[:, 1] - xy[p, 1])
-        candidates = np.where(~free & (distances <= radius_px))[0]
-        if len(candidates):
-            free[candidates[np.argmin(distances[candidates])]] = True
-            tp += 1
-        else:
-            fp += 1
-        if k + 1 == len(order) or scores[order[k + 1]] != scores[p]:
-            thresholds.append(float(scores[p]))
-            tps.append(tp)
-            fps.append(fp)
-    curve = [Counts(tp=t, fp=f, fn=n_gt - t) for t, f in zip(tps, fps)]
+    per_image = [(xy[images == image], scores[images == image], gt)
+                 for image, gt in points.items()]
+    thresholds, curve = sweep_counts(per_image, radius_px)
     best_threshold, best = None, Counts(fn=n_gt)
     for threshold, counts in zip(thresholds, curve):
         if counts.f1 > best.f1:

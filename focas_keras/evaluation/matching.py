@@ -78,8 +78,53 @@ def count_matches(pred_xy, scores, gt_xy, radius: float) -> Counts:
     return Counts(tp=tp, fp=len(matched) - tp, fn=len(np.asarray(gt_xy).reshape(-1, 2)) - tp)
 
 
+def sweep_counts(per_image, radius: float) -> tuple[list[float], list[Counts]]:
+    """Counts at every distinct score threshold, in one pass.
+
+    Greedy matching by descending score is monotone: the matching of the predictions scoring
+    >= t is a prefix of the full greedy matching. So predictions are taken once, in descending
+    score order over all images (ties: input order within an image), each taking its image's
+    nearest free ground truth within ``radius``; the cumulative counts at the end of each score
+    group equal :func:`count_matches` at that threshold exactly.
+
+    Args:
+        per_image: iterable of (pred_xy (P, 2), scores (P,), gt_xy (G, 2)).
+        radius: matching radius.
+
+    Returns:
+        (thresholds, descending; the pooled :class:`Counts` at each).
+    """
+    per_image = [(np.asarray(p, np.float64).reshape(-1, 2), np.asarray(s, np.float64).reshape(-1),
+                  np.asarray(g, np.float64).reshape(-1, 2)) for p, s, g in per_image]
+    n_gt = sum(len(g) for _, _, g in per_image)
+    image_of = np.concatenate([np.full(len(s), i) for i, (_, s, _) in enumerate(per_image)]
+                              + [np.zeros(0, int)]).astype(int)
+    index_in = np.concatenate([np.arange(len(s)) for _, s, _ in per_image]
+                              + [np.zeros(0, int)]).astype(int)
+    scores = np.concatenate([s for _, s, _ in per_image] + [np.zeros(0)])
+    taken = [np.zeros(len(g), bool) for _, _, g in per_image]
+    order = np.lexsort((index_in, image_of, -scores))
+    thresholds, counts = [], []
+    tp = fp = 0
+    for k, q in enumerate(order):
+        pred_xy, _, gt = per_image[image_of[q]]
+        free = taken[image_of[q]]
+        x, y = pred_xy[index_in[q]]
+        distances = np.hypot(gt[:, 0] - x, gt[:, 1] - y)
+        candidates = np.where(~free & (distances <= radius))[0]
+        if len(candidates):
+            free[candidates[np.argmin(distances[candidates])]] = True
+            tp += 1
+        else:
+            fp += 1
+        if k + 1 == len(order) or scores[order[k + 1]] != scores[q]:
+            thresholds.append(float(scores[q]))
+            counts.append(Counts(tp=tp, fp=fp, fn=n_gt - tp))
+    return thresholds, counts
+
+
 def best_f1_threshold(per_image, radius: float) -> tuple[float, Counts]:
-    """The score threshold with the best pooled F1.
+    """The score threshold with the best pooled F1 (the highest one among equals).
 
     Args:
         per_image: iterable of (pred_xy (P, 2), scores (P,), gt_xy (G, 2)).
@@ -87,17 +132,12 @@ def best_f1_threshold(per_image, radius: float) -> tuple[float, Counts]:
 
     Returns:
         (threshold, counts at that threshold); (1.0, counts with no prediction) when nothing
-        matches. Matching is redone at each candidate threshold, so it is exact.
+        matches.
     """
-    per_image = [(np.asarray(p).reshape(-1, 2), np.asarray(s).reshape(-1),
-                  np.asarray(g).reshape(-1, 2)) for p, s, g in per_image]
-    candidates = np.unique(np.concatenate([s for _, s, _ in per_image] + [np.array([])]))
-    best = (1.0, sum((Counts(fn=len(g)) for _, _, g in per_image), Counts()))
-    for threshold in candidates[::-1]:
-        total = Counts()
-        for p, s, g in per_image:
-            keep = s >= threshold
-            total = total + count_matches(p[keep], s[keep], g, radius)
+    per_image = list(per_image)
+    thresholds, counts = sweep_counts(per_image, radius)
+    best = (1.0, Counts(fn=sum(len(np.asarray(g).reshape(-1, 2)) for _, _, g in per_image)))
+    for threshold, total in zip(thresholds, counts):
         if total.f1 > best[1].f1:
-            best = (float(threshold), total)
+            best = (threshold, total)
     return best

@@ -10,7 +10,7 @@ import tensorflow as tf
 from focas_keras.data import pipeline
 from focas_keras.data.augment import AugmentConfig
 from focas_keras.errors import InputError
-from focas_keras.models.mclass import build_mclass, load_init_weights
+from focas_keras.models.mclass import build_mclass, load_init_weights, resize_patches
 from focas_keras.models.mclass_config import MclassConfig
 from focas_keras.training.loop import LoopSpec, run_training
 
@@ -61,19 +61,30 @@ def threshold_metrics(labels, scores) -> dict:
             "val_f1": best[3]}
 
 
-def predict_split(model, data_dir, split: str, batch_size: int):
+def to_input_size(ds: tf.data.Dataset, size: int) -> tf.data.Dataset:
+    """Resizes batched patches to the model input (identity when they already fit).
+
+    Patches cut at the crop size used at test time (e.g. 112 px) are shrunk to the input (64)
+    exactly as :func:`focas_keras.models.mclass.resize_patches` does for candidates.
+    """
+    return ds.map(lambda images, labels: (resize_patches(images, size), labels),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def predict_split(model, data_dir, split: str, batch_size: int, size: int):
     """(labels, probabilities) over every patch of a split, unaugmented, in shard order."""
     labels, scores = [], []
-    for images, y in pipeline.cls_dataset(data_dir, split, batch_size=batch_size,
-                                          shuffle=False, verify=False):
+    ds = pipeline.cls_dataset(data_dir, split, batch_size=batch_size, shuffle=False,
+                              verify=False)
+    for images, y in to_input_size(ds, size):
         labels.append(y.numpy())
         scores.append(tf.sigmoid(model(images, training=False))[:, 0].numpy())
     return np.concatenate(labels), np.concatenate(scores)
 
 
-def validate(model, data_dir, batch_size: int) -> dict:
+def validate(model, data_dir, batch_size: int, size: int) -> dict:
     """Validation loss, ROC AUC, P/R at 0.5 and the best-F1 threshold."""
-    labels, scores = predict_split(model, data_dir, "val", batch_size)
+    labels, scores = predict_split(model, data_dir, "val", batch_size, size)
     eps = 1e-7
     clipped = np.clip(scores, eps, 1 - eps)
     loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
@@ -110,9 +121,6 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
     data_dir = Path(data_dir)
     manifest = pipeline.load_manifest(data_dir)
     size = config.model.input_size
-    if manifest["patch_size"] != size:
-        raise InputError(f"shards hold {manifest['patch_size']} px patches but the config's "
-                         f"input_size is {size}", data_dir)
     counts = manifest["splits"]["train"]["cls"]
     if not counts["positive"] or not counts["negative"]:
         raise InputError("cls training split needs both mitosis and non-mitosis patches",
@@ -138,10 +146,10 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
         return {"total": tf.nn.sigmoid_cross_entropy_with_logits(targets, logits)}
 
     def train_dataset(epoch):
-        return pipeline.cls_dataset(data_dir, "train", batch_size=t.batch_size, augment=augment,
-                                    positive_share=t.positive_share,
-                                    seed=t.seed * 100003 + epoch, deterministic=True,
-                                    drop_remainder=True, verify=False).take(steps)
+        return to_input_size(pipeline.cls_dataset(
+            data_dir, "train", batch_size=t.batch_size, augment=augment,
+            positive_share=t.positive_share, seed=t.seed * 100003 + epoch, deterministic=True,
+            drop_remainder=True, verify=False).take(steps), size)
 
     spec = LoopSpec(
         identity={"kind": "mclass", "config": config.to_dict(), "data": str(data_dir.resolve()),
@@ -149,6 +157,6 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
                   "init_weights": None if init_weights is None else str(init_weights)},
         config_json=config.to_json(), train=t, steps_per_epoch=steps, build_model=build,
         losses=losses, train_dataset=train_dataset,
-        validate=(lambda model: validate(model, data_dir, 256)) if has_val else None,
+        validate=(lambda model: validate(model, data_dir, 256, size)) if has_val else None,
         score=lambda m: m["val_auc"] if has_val else -m["loss_total"], describe=_describe)
     return run_training(spec, run_dir, devices, log)

@@ -14,40 +14,57 @@ from focas_keras.models.mdet import build_mdet, decode_detections, mdet_loss
 from focas_keras.models.mdet_config import MdetConfig
 from focas_keras.training.loop import LoopSpec, TrainingError, make_optimizer, run_training
 
-__all__ = ["train_det", "validate", "TrainingError", "make_optimizer"]
+__all__ = ["train_det", "make_validator", "TrainingError", "make_optimizer"]
 
 
 def _centres(boxes):
     return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
 
 
-def validate(model, config: MdetConfig, data_dir, batch_size: int) -> dict:
-    """Validation loss and detection P/R/F1 at 20 px (box centres vs GT centres) on val tiles.
+def make_validator(config: MdetConfig, data_dir, batch_size: int):
+    """A ``model -> metrics`` function over the val tiles (one traced graph per model).
 
-    Reports the best-F1 score threshold and its P/R/F1, and the recall at the inference
-    score threshold (what stage 1 hands to stage 2).
+    Metrics: validation loss, P/R/F1 at 20 px (box centres vs GT centres) at the best-F1 score
+    threshold (reported too), and the recall at the inference threshold (what stage 1 hands
+    to stage 2).
     """
+    import tensorflow as tf
+
     size = config.input_size
-    ds = pipeline.det_dataset(data_dir, "val", batch_size=batch_size, shuffle=False,
-                              max_boxes=config.train.max_boxes, verify=False)
-    losses, per_image = [], []
     radius = config.inference.match_radius_px
-    for images, targets in ds:
-        outputs = model(images, training=False)
-        losses.append(mdet_loss(outputs, targets["boxes"], targets["box_mask"], size, size,
-                                config)["total"].numpy())
-        dets = decode_detections(outputs, size, size, config)
-        boxes, scores = dets["boxes"].numpy(), dets["scores"].numpy()
-        gt, mask = targets["boxes"].numpy(), targets["box_mask"].numpy()
-        for i, count in enumerate(dets["num_detections"].numpy()):
-            per_image.append((_centres(boxes[i, :count]), scores[i, :count],
-                              _centres(gt[i][mask[i]])))
-    at_min = sum((count_matches(c, s, g, radius) for c, s, g in per_image), Counts())
-    threshold, best = best_f1_threshold(per_image, radius)
-    return {"val_loss": float(np.mean(np.concatenate(losses))),
-            "val_recall_at_min_score": at_min.recall,
-            "val_precision": best.precision, "val_recall": best.recall, "val_f1": best.f1,
-            "val_best_threshold": threshold}
+    graphs = {}
+
+    def graph_for(model):
+        if id(model) not in graphs:
+            @tf.function(reduce_retracing=True)
+            def step(images, boxes, mask):
+                outputs = model(images, training=False)
+                return (mdet_loss(outputs, boxes, mask, size, size, config)["total"],
+                        decode_detections(outputs, size, size, config))
+            graphs[id(model)] = step
+        return graphs[id(model)]
+
+    def validate(model) -> dict:
+        step = graph_for(model)
+        ds = pipeline.det_dataset(data_dir, "val", batch_size=batch_size, shuffle=False,
+                                  max_boxes=config.train.max_boxes, verify=False)
+        losses, per_image = [], []
+        for images, targets in ds:
+            loss, dets = step(images, targets["boxes"], targets["box_mask"])
+            losses.append(loss.numpy())
+            boxes, scores = dets["boxes"].numpy(), dets["scores"].numpy()
+            gt, mask = targets["boxes"].numpy(), targets["box_mask"].numpy()
+            for i, count in enumerate(dets["num_detections"].numpy()):
+                per_image.append((_centres(boxes[i, :count]), scores[i, :count],
+                                  _centres(gt[i][mask[i]])))
+        at_min = sum((count_matches(c, s, g, radius) for c, s, g in per_image), Counts())
+        threshold, best = best_f1_threshold(per_image, radius)
+        return {"val_loss": float(np.mean(np.concatenate(losses))),
+                "val_recall_at_min_score": at_min.recall,
+                "val_precision": best.precision, "val_recall": best.recall, "val_f1": best.f1,
+                "val_best_threshold": threshold}
+
+    return validate
 
 
 def _describe(metrics: dict) -> str:
@@ -103,7 +120,6 @@ def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) ->
                   "data_shards": [e["sha256"] for e in manifest["shards"] if e["kind"] == "det"]},
         config_json=config.to_json(), train=t, steps_per_epoch=steps,
         build_model=lambda: build_mdet(config), losses=losses, train_dataset=train_dataset,
-        validate=(lambda model: validate(model, config, data_dir, t.batch_size)) if has_val
-        else None,
+        validate=make_validator(config, data_dir, t.batch_size) if has_val else None,
         score=lambda m: m["val_f1"] if has_val else -m["loss_total"], describe=_describe)
     return run_training(spec, run_dir, devices, log)
