@@ -8,8 +8,9 @@ each stage-1 candidate at test time; crops are resized to ``model.input_size`` b
 from __future__ import annotations
 
 import dataclasses
-import json
+from typing import ClassVar
 
+from focas_keras.config_io import SectionedConfig
 from focas_keras.errors import InputError
 
 DEPTHS = (18, 34, 50, 101)
@@ -48,12 +49,14 @@ class MclassTrainConfig:
     label_smoothing: float = 0.0
 
 
-_SECTIONS = {"model": MclassModelConfig, "train": MclassTrainConfig}
-
-
 @dataclasses.dataclass(frozen=True)
-class MclassConfig:
-    """Everything that defines an Mclass run; saved as ``config.json`` next to its checkpoints."""
+class MclassConfig(SectionedConfig):
+    """Everything that defines an Mclass run; saved as ``config.json`` next to its checkpoints.
+
+    ``to_dict``/``to_json``/``from_dict``/``override`` come from :class:`SectionedConfig`.
+    """
+
+    SECTIONS: ClassVar[dict] = {"model": MclassModelConfig, "train": MclassTrainConfig}
 
     model: MclassModelConfig = MclassModelConfig()
     train: MclassTrainConfig = MclassTrainConfig()
@@ -105,52 +108,6 @@ class MclassConfig:
             if not ok:
                 raise InputError(message)
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MclassConfig":
-        """Inverse of :meth:`to_dict` (lists become tuples); unknown keys are an error."""
-        if not isinstance(data, dict):
-            raise InputError(f"config must be a JSON object, got {type(data).__name__}")
-        kwargs = {}
-        for key, value in data.items():
-            if key not in {f.name for f in dataclasses.fields(cls)}:
-                raise InputError(f"unknown config key '{key}'")
-            section_cls = _SECTIONS.get(key)
-            if section_cls is None:
-                kwargs[key] = value
-                continue
-            if not isinstance(value, dict):
-                raise InputError(f"config section '{key}' must be an object")
-            names = {f.name for f in dataclasses.fields(section_cls)}
-            unknown = set(value) - names
-            if unknown:
-                raise InputError(f"unknown config key(s) {key}.{', '.join(sorted(unknown))}")
-            kwargs[key] = section_cls(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in value.items()})
-        return cls(**kwargs)
-
-    def override(self, **dotted) -> "MclassConfig":
-        """A validated copy with ``section.field=value`` overrides (None values are skipped)."""
-        data = self.to_dict()
-        for key, value in dotted.items():
-            if value is None:
-                continue
-            section, _, field = key.partition(".")
-            if field:
-                if not isinstance(data.get(section), dict) or field not in data[section]:
-                    raise InputError(f"unknown config field '{key}'")
-                data[section][field] = value
-            else:
-                if section not in data or isinstance(data[section], dict):
-                    raise InputError(f"unknown config field '{key}'")
-                data[section] = value
-        return MclassConfig.from_dict(data).validate()
 
 
 def _integer(value) -> bool:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+from typing import ClassVar
 
+from focas_keras.config_io import SectionedConfig
 from focas_keras.errors import InputError
 
 HEADS = ("anchor", "free", "hybrid")
@@ -89,8 +90,14 @@ class InferenceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MdetConfig:
-    """Everything that defines an Mdet run; saved as ``config.json`` next to its checkpoints."""
+class MdetConfig(SectionedConfig):
+    """Everything that defines an Mdet run; saved as ``config.json`` next to its checkpoints.
+
+    ``to_dict``/``to_json``/``from_dict``/``override`` come from :class:`SectionedConfig`.
+    """
+
+    SECTIONS: ClassVar[dict] = {"backbone": BackboneConfig, "fpn": FPNConfig, "head": HeadConfig,
+                                "train": TrainConfig, "inference": InferenceConfig}
 
     backbone: BackboneConfig = BackboneConfig()
     fpn: FPNConfig = FPNConfig()
@@ -123,48 +130,6 @@ class MdetConfig:
             if not ok:
                 raise InputError(message)
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MdetConfig":
-        """Inverse of :meth:`to_dict` (lists become tuples); unknown keys are an error."""
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in data.items():
-            if key not in sections:
-                raise InputError(f"unknown config key '{key}'")
-            section_cls = {"backbone": BackboneConfig, "fpn": FPNConfig, "head": HeadConfig,
-                           "train": TrainConfig, "inference": InferenceConfig}.get(key)
-            if section_cls is None:
-                kwargs[key] = value
-                continue
-            names = {f.name for f in dataclasses.fields(section_cls)}
-            unknown = set(value) - names
-            if unknown:
-                raise InputError(f"unknown config key(s) {key}.{', '.join(sorted(unknown))}")
-            kwargs[key] = section_cls(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in value.items()})
-        return cls(**kwargs)
-
-    def override(self, **dotted) -> "MdetConfig":
-        """A copy with ``section.field=value`` overrides (None values are skipped)."""
-        data = self.to_dict()
-        for key, value in dotted.items():
-            if value is None:
-                continue
-            section, _, field = key.partition(".")
-            if field:
-                if section not in data or field not in data[section]:
-                    raise InputError(f"unknown config field '{key}'")
-                data[section][field] = value
-            else:
-                data[section] = value
-        return MdetConfig.from_dict(data).validate()
 
 
 def preset(name: str) -> MdetConfig:
