@@ -73,13 +73,13 @@ def _box_centres(boxes, width: int, height: int) -> np.ndarray:
 
 
 def _make_detector(det_run, score_threshold):
-    from focas_keras.models.mdet import detect_image, load_mdet_run
+    from focas_keras.models.mdet import Detector, load_mdet_run
 
     if det_run is None:
         raise InputError("no detector run given")
     model, config = load_mdet_run(det_run)
     threshold = config.inference.score_threshold if score_threshold is None else score_threshold
-    return (lambda image: detect_image(model, image, config, threshold)), float(threshold)
+    return Detector(model, config, threshold).detect_image, float(threshold)
 
 
 def _update_counts(cls_counts: dict, fp: int, tp: int) -> None:

@@ -18,8 +18,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import cv2
@@ -27,10 +25,11 @@ import numpy as np
 
 from data_tools.annotations import ICPR2012_MPP, object_from_pixels
 from focas_keras.errors import InputError
+from focas_keras.io import atomic_output_dir
 
 PHASES = ("prophase", "metaphase", "anaphase", "telophase")
 PHASE_WEIGHTS = (0.3, 0.3, 0.2, 0.2)
-NEGATIVE_KINDS = ("apoptotic", "lymphocyte")
+NEGATIVE_KINDS = ("apoptotic", "lymphocyte", "hyperchromatic")
 #: Counts are given for an ICPR-sized field and scaled by area.
 REFERENCE_AREA = 2084 * 2084
 _CANVAS = 72  # half side of the local window a figure is drawn in
@@ -280,6 +279,21 @@ def _apoptotic(rng):
                              0.1)], 1)
     return _Figure("apoptotic", mask, cell, rim, od=rng.uniform(1.7, 2.4), texture=0.04,
                    cell_e=rng.uniform(0.25, 0.5), cell_h=0.02, rim_e=rng.uniform(1.5, 2.2))
+
+
+def _hyperchromatic(rng):
+    """An enlarged hyperchromatic interphase nucleus, the look-alike that fools detectors: as
+    dark and about as large as a metaphase plate, in a clear cell, but one smooth oval with a
+    membrane and no chromosome arms."""
+    mask = _canvas()
+    half_length = rng.uniform(11, 20)
+    half_width = half_length * rng.uniform(0.4, 0.75)
+    angle = rng.uniform(0, np.pi)
+    cv2.fillPoly(mask, [_blob(rng, _CANVAS, _CANVAS, half_length, half_width, angle, 0.06)], 1)
+    cell, rim = _cell_around(rng, half_length + rng.uniform(6, 11),
+                             half_width + rng.uniform(9, 15), angle)
+    return _Figure("hyperchromatic", mask, cell, rim, od=rng.uniform(1.7, 2.4), texture=0.22,
+                   cell_e=rng.uniform(0.15, 0.5), cell_h=0.03, rim_e=rng.uniform(1.1, 1.5))
 
 
 def _lymphocyte(rng):
@@ -537,7 +551,8 @@ def _labels(figs, key):
     return rows
 
 
-def synthesize_image(size, seed: int, image_id: str = "img", density: float = 1.0) -> SynthImage:
+def synthesize_image(size, seed: int, image_id: str = "img", density: float = 1.0,
+                     mimics: float = 0.0) -> SynthImage:
     """Renders one synthetic H&E field.
 
     Args:
@@ -545,6 +560,8 @@ def synthesize_image(size, seed: int, image_id: str = "img", density: float = 1.
         seed: random seed; the same seed gives the same image.
         image_id: id stored in the result.
         density: multiplies the counts of nuclei, mitoses and hard negatives.
+        mimics: hyperchromatic look-alikes per ICPR-sized field, in units of 12 (0: none,
+            and the image is byte-identical to one made without this option).
 
     Returns:
         The :class:`SynthImage`.
@@ -554,14 +571,19 @@ def synthesize_image(size, seed: int, image_id: str = "img", density: float = 1.
         raise InputError(f"image size {w}x{h} too small")
     if not density >= 0:
         raise InputError(f"density must be >= 0, got {density}")
+    if not mimics >= 0:
+        raise InputError(f"mimics must be >= 0, got {mimics}")
     rng = np.random.default_rng(seed)
     scale = h * w / REFERENCE_AREA * float(density)
     stain = _stain(rng)
     nest, fibre_angle, eosin, gaps = _layout(rng, (h, w), scale)
     mitoses, apoptotic, n_lymph = _figures(rng, scale, min(h, w))
+    hyper = []
+    if mimics > 0:  # drawn only when asked, so that mimics=0 keeps the old random stream
+        hyper = [_crop(_hyperchromatic(rng)) for _ in range(int(rng.poisson(12 * scale * mimics)))]
     placer = _Placer(rng, (h, w), nest, gaps)
     mitoses = [f for f in mitoses if placer.place(f)]
-    negatives = [f for f in apoptotic if placer.place(f)]
+    negatives = [f for f in apoptotic + hyper if placer.place(f)]
     negatives += _place_lymphocytes(rng, placer, n_lymph)
     nuclei, cyto = _draw_nuclei(rng, (h, w), nest, fibre_angle, placer, density)
     speckle = _field(rng, (h, w), 1.6) + 0.6 * _field(rng, (h, w), 4)
@@ -610,7 +632,7 @@ def _check_args(images, size, seed, per_slide):
 
 
 def write_dataset(out_dir, images: int, size: int, seed: int, per_slide: int = 4,
-                  overwrite: bool = False, progress: bool = False) -> dict:
+                  overwrite: bool = False, progress: bool = False, mimics: float = 0.0) -> dict:
     """Writes a synthetic dataset in the ICPR 2012 layout, atomically.
 
     Image ``i`` is ``S{i // per_slide:02d}_{i % per_slide:02d}.png`` with a same-stem ``.csv``
@@ -625,29 +647,20 @@ def write_dataset(out_dir, images: int, size: int, seed: int, per_slide: int = 4
         per_slide: images per synthetic slide.
         overwrite: replace an existing non-empty ``out_dir``.
         progress: show a progress bar.
+        mimics: hyperchromatic look-alikes (see :func:`synthesize_image`).
 
     Returns:
         The summary written to ``synth.json``.
     """
     _check_args(images, size, seed, per_slide)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError("output exists and is not a directory", out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError("output exists (use --overwrite)", out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        summary = _write_all(tmp, images, size, seed, per_slide, progress)
-        _swap_in(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(mimics, bool) or not isinstance(mimics, (int, float)) or not mimics >= 0:
+        raise InputError(f"mimics must be a number >= 0, got {mimics!r}")
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        summary = _write_all(tmp, images, size, seed, per_slide, progress, mimics)
     return summary
 
 
-def _write_all(directory: Path, images, size, seed, per_slide, progress) -> dict:
+def _write_all(directory: Path, images, size, seed, per_slide, progress, mimics) -> dict:
     from tqdm import tqdm
 
     per_image = []
@@ -656,27 +669,13 @@ def _write_all(directory: Path, images, size, seed, per_slide, progress) -> dict
         writer.writerow(["image", "x", "y", "x1", "y1", "x2", "y2", "kind"])
         for i in tqdm(range(images), desc="synth", unit="image", disable=not progress):
             image_id = f"S{i // per_slide:02d}_{i % per_slide:02d}"
-            synth = synthesize_image(size, _image_seed(seed, i), image_id)
+            synth = synthesize_image(size, _image_seed(seed, i), image_id, mimics=mimics)
             per_image.append(_write_image(directory, synth, writer))
     summary = {"generator": "focas_keras synth", "seed": int(seed), "images": int(images),
                "size": int(size), "per_slide": int(per_slide), "mpp": ICPR2012_MPP,
                "per_image": per_image}
+    if mimics:
+        summary["mimics"] = float(mimics)
     (directory / "synth.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
                                           encoding="utf-8")
     return summary
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Renames ``tmp`` to ``out_dir``; an old ``out_dir`` is removed only once that succeeded."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -5,6 +5,9 @@ RSS), one after the other, on the same image.
 Variants (``paper`` presets, random weights; stage 1 keeps its top 100 candidates, which all
 go through stage 2 on 112 px crops):
 - ``cascade_whole_fp32``: Mdet on the whole HPF (padded to 2112) + Mclass.
+- ``cascade_whole_fp32_before``: the same as the package ran before the two speed levers:
+  Keras's ``GroupNormalization`` instead of :class:`focas_keras.layers.group_norm.GroupNorm`
+  and an eager forward pass instead of the compiled :class:`focas_keras.models.mdet.Detector`.
 - ``cascade_whole_bf16``: the same under ``mixed_bfloat16``.
 - ``cascade_whole_bf16_p3p5``: bf16 with the pyramid cut to P3-P5 (mitoses are 26-68 px:
   P6/P7 anchors never match them).
@@ -31,7 +34,7 @@ import time
 from pathlib import Path
 
 HPF = Path(__file__).resolve().parents[2] / "shared/data/icpr2012/images/A03_00.jpg"
-VARIANTS = ("cascade_whole_fp32", "cascade_whole_bf16", "cascade_whole_bf16_p3p5",
+VARIANTS = ("cascade_whole_fp32", "cascade_whole_fp32_before", "cascade_whole_bf16", "cascade_whole_bf16_p3p5",
             "published_tiles_fp32", "keras_hub_retinanet_fp32")
 
 
@@ -56,6 +59,17 @@ def _cascade(variant: str):
 
     if "bf16" in variant:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    if variant.endswith("_before"):
+        from focas_keras.models import backbone, mdet
+
+        backbone.GroupNorm = keras.layers.GroupNormalization
+        original_init = mdet.Detector.__init__
+
+        def eager_init(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            self._compiled = self._forward
+
+        mdet.Detector.__init__ = eager_init
     overrides = {"inference.score_threshold": 0.0, "inference.max_detections": 100}
     if "p3p5" in variant:
         overrides["fpn.max_level"] = 5

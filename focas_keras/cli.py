@@ -48,7 +48,7 @@ def _import_tensorflow():
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules or os.environ.get("FOCAS_KERAS_VERBOSE"):
-        import tensorflow  # noqa: F401
+        __import__("tensorflow")
         return
     sys.stderr.flush()
     saved = os.dup(2)
@@ -80,13 +80,16 @@ def main():
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
 @click.option("--per-slide", default=4, show_default=True,
               help="Images per synthetic slide (slide ids S00, S01, ...).")
+@click.option("--mimics", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Hyperchromatic look-alikes (dark smooth nuclei that fool detectors), in "
+                   "units of 12 per 2084 px field; 0 = none.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def synth(out, images, size, seed, per_slide, overwrite):
+def synth(out, images, size, seed, per_slide, mimics, overwrite):
     """Write synthetic H&E fields with mitoses and look-alikes to OUT (ICPR 2012 layout)."""
     from data_tools.synth import write_dataset
 
     summary = write_dataset(out, images=images, size=size, seed=seed, per_slide=per_slide,
-                            overwrite=overwrite, progress=True)
+                            overwrite=overwrite, progress=True, mimics=mimics)
     mitoses = sum(item["mitoses"] for item in summary["per_image"])
     negatives = sum(item["hard_negatives"] for item in summary["per_image"])
     click.echo(f"wrote {images} images ({size}x{size}), {mitoses} mitoses, "
@@ -353,7 +356,8 @@ def mine(det_run, source, fmt, shard_dir, score_threshold, keep_tp, radius):
 @click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap (px).")
 @click.option("--tile-batch", type=int, default=8, show_default=True, help="Tiles per batch.")
 @click.option("--det-threshold", type=float, default=None,
-              help="Stage-1 score threshold (default: the Mdet run's, 0.05).")
+              help="Stage-1 candidate threshold (default: the highest score that keeps the Mdet "
+                   "run's best validation recall, at least its inference threshold 0.05).")
 @click.option("--cls-threshold", type=float, default=None,
               help="Stage-2 acceptance threshold (default: the Mclass run's best-F1 value, "
                    "at least 0.5).")
@@ -382,6 +386,109 @@ def detect(inputs, det_run, cls_run, out, mpp, model_mpp, tile, overlap, tile_ba
     click.echo(f"{int(counts['accepted'].sum())} mitoses accepted of "
                f"{int(counts['candidates'].sum())} candidates in {len(files)} images "
                f"(stage-2 threshold {cascade.cls_threshold:.3f}); results in {out}")
+
+
+@main.command("export")
+@click.option("--det", "det_run", type=click.Path(), default=None, help="A train-det run.")
+@click.option("--cls", "cls_run", type=click.Path(), default=None, help="A train-cls run.")
+@click.option("--out", "base", required=True, type=click.Path(file_okay=False),
+              help="BASE directory: BASE/<name>/<version>/ SavedModels and BASE/models.config.")
+@click.option("--name", default="focasnet", show_default=True, help="Name of the cascade model.")
+@click.option("--det-name", default="mdet", show_default=True, help="Name of Mdet alone.")
+@click.option("--cls-name", default="mclass", show_default=True, help="Name of Mclass alone.")
+@click.option("--version", type=int, default=None,
+              help="Version to write (default: one above the highest under BASE); an existing "
+                   "version is never overwritten.")
+@click.option("--tile", type=int, default=512, show_default=True,
+              help="Stage-1 tile side (px, multiple of 32); the graph always runs tiled.")
+@click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap (px).")
+@click.option("--tile-batch", type=int, default=8, show_default=True, help="Tiles per batch.")
+@click.option("--det-threshold", type=float, default=None,
+              help="Stage-1 candidate threshold (default: as for detect).")
+@click.option("--cls-threshold", type=float, default=None,
+              help="Stage-2 acceptance threshold (default: as for detect).")
+@click.option("--patch", type=int, default=None,
+              help="Crop side around each candidate (default: the Mclass run's, 112).")
+@click.option("--merge-px", type=float, default=30.0, show_default=True,
+              help="Accepted detections closer than this (px) to a better one are merged.")
+@click.option("--which", type=click.Choice(["best", "model"]), default="best",
+              show_default=True, help="Use each run's best or final model.")
+@click.option("--max-detections", type=int, default=300, show_default=True,
+              help="Candidates returned per image (the best by stage-1 score).")
+@click.option("--max-pixels", type=int, default=25_000_000, show_default=True,
+              help="Largest image (height x width) a request may send.")
+@click.option("--sample", type=click.Path(), default=None,
+              help="Image for the self-check against the Python cascade (default: a synthetic "
+                   "field of about 1.5 tiles).")
+@click.option("--config-base", default="/models", show_default=True,
+              help="Path of BASE inside the server, written into models.config.")
+@click.option("--check", is_flag=True,
+              help="Print the signatures (like saved_model_cli show); without --det/--cls, only "
+                   "print those of the newest (or --version) models under --out.")
+@click.pass_context
+def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, tile, overlap,
+               tile_batch, det_threshold, cls_threshold, patch, merge_px, which, max_detections,
+               max_pixels, sample, config_base, check):
+    """Export the cascade, Mdet and Mclass as SavedModels for TensorFlow Serving."""
+    _import_tensorflow()
+    from focas_keras.export import savedmodel
+    from focas_keras.export.compare import ExportError
+
+    if det_run is None and cls_run is None and check:
+        click.echo(savedmodel.describe_base(base, version=version))
+        return
+    if det_run is None or cls_run is None:
+        raise InputError("give --det and --cls (or only --check to show an existing export)")
+    from data_tools.annotations import load_image
+    from focas_keras.inference.cascade import Cascade, CascadeSettings
+
+    settings = CascadeSettings(tile=tile, overlap=overlap, tile_batch=tile_batch,
+                               det_threshold=det_threshold, cls_threshold=cls_threshold,
+                               patch=patch, merge_px=merge_px)
+    cascade = Cascade.from_runs(det_run, cls_run, settings, which=which)
+    image = load_image(sample) if sample else None
+    try:
+        result = savedmodel.export(cascade, base, name=name, det_name=det_name,
+                                   cls_name=cls_name, version=version,
+                                   max_detections=max_detections, max_pixels=max_pixels,
+                                   sample=image, config_base=config_base, log=click.echo)
+    except ExportError as err:
+        click.echo(f"focas-keras: error: export failed its check, nothing was written: {err}",
+                   err=True)
+        ctx.exit(1)
+    click.echo(savedmodel.format_summary(result))
+    if check:
+        click.echo(savedmodel.describe_base(base, names=list(result["paths"]),
+                                            version=result["version"]))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--server", default=None, help="TF Serving gRPC address HOST:PORT (port 8500).")
+@click.option("--rest", default=None, help="TF Serving REST URL http://HOST:PORT (port 8501).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory (as for detect, plus predict.json).")
+@click.option("--model", default="focasnet", show_default=True, help="Model name on the server.")
+@click.option("--version", type=int, default=None,
+              help="Model version (default: the server's choice, normally the newest).")
+@click.option("--mpp", type=float, default=0.2456, show_default=True,
+              help="Pixel size of the images (um/px), for the densities in counts.csv.")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Seconds per request.")
+@click.option("--no-overlays", is_flag=True, help="Skip the overlay images.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def predict(inputs, server, rest, out, model, version, mpp, timeout, no_overlays, overwrite):
+    """Send INPUTS (images or directories) to a TF Serving export; write what detect writes."""
+    _import_tensorflow()
+    from focas_keras.export.client import make_client, predict_to_dir
+
+    client = make_client(server=server, rest=rest, model=model, version=version,
+                         timeout=timeout)
+    counts = predict_to_dir(client, inputs, out, mpp=mpp, overlays=not no_overlays,
+                            progress=True, overwrite=overwrite)
+    click.echo(f"{int(counts['accepted'].sum())} mitoses accepted of "
+               f"{int(counts['candidates'].sum())} candidates in {len(counts)} images "
+               f"(server {server or rest}, model {model}); results in {out}")
 
 
 @main.command()
@@ -439,6 +546,62 @@ def evaluate(truth, fmt, pred, radius_px, radius_um, matching, score, threshold,
                    f"{threshold_text} (P {best['precision']:.3f}, R {best['recall']:.3f})")
     if sweep_png:
         click.echo(f"precision-recall curve: {sweep_png}")
+
+
+@main.command()
+@click.option("--truth", required=True, type=click.Path(),
+              help="Ground truth of the validation fields: a centroid CSV or a dataset.")
+@click.option("--format", "fmt", default=None,
+              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]),
+              help="Dataset format of --truth (omit for a centroid CSV).")
+@click.option("--pred", required=True, type=click.Path(),
+              help="detections.csv of `detect --det-threshold 0.05 --cls-threshold 0` on the "
+                   "validation fields.")
+@click.option("--radius-px", type=float, default=None, help="Match radius in px (default 20).")
+@click.option("--radius-um", type=float, default=None,
+              help="Match radius in um (converted with the truth's pixel size).")
+@click.option("--merge-px", type=float, default=30.0, show_default=True,
+              help="The merge radius detect will use.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def calibrate(truth, fmt, pred, radius_px, radius_um, merge_px, as_json):
+    """Choose detect's two thresholds on whole validation fields (best F1).
+
+    Only images listed in counts.csv beside --pred (every image detect processed) count;
+    the rest of --truth is ignored, so --truth may be the whole training dataset.
+    """
+    import json
+    from pathlib import Path
+
+    from focas_keras.evaluation import evaluate as ev
+    from focas_keras.evaluation.calibrate import calibrate_cascade, calibrate_stage1
+
+    gt = ev.read_truth(truth, fmt)
+    preds = ev.read_predictions(pred)
+    radius = ev.radius_from(radius_px, radius_um, ev.truth_mpp(gt))
+    points = gt.points
+    counts = Path(pred).parent / "counts.csv"
+    if counts.is_file():
+        import pandas as pd
+
+        processed = set(pd.read_csv(counts)["image"].astype(str))
+        points = {k: v for k, v in points.items() if k in processed}
+    result = {"images": len(points),
+              "stage1": calibrate_stage1(points, preds, radius, merge_px),
+              "cascade": calibrate_cascade(points, preds, radius, merge_px,
+                                           min_det_threshold=float(preds["det_score"].min())
+                                           if len(preds) else 0.0)}
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+        return
+    one, both = result["stage1"], result["cascade"]
+    click.echo(f"{len(points)} validation images, radius {radius:g} px, merge {merge_px:g} px")
+    click.echo(f"stage 1 alone: det >= {one['det_threshold']:.4f}: P {one['precision']:.3f} "
+               f"R {one['recall']:.3f} F1 {one['f1']:.3f}")
+    click.echo(f"cascade: det >= {both['det_threshold']:.4f}, Mclass >= "
+               f"{both['cls_threshold']:.4f}: P {both['precision']:.3f} R {both['recall']:.3f} "
+               f"F1 {both['f1']:.3f}")
+    click.echo(f"use: focas-keras detect ... --det-threshold {both['det_threshold']:.4f} "
+               f"--cls-threshold {both['cls_threshold']:.4f} --merge-px {merge_px:g}")
 
 
 @main.command("patch-study")

@@ -237,6 +237,11 @@ def test_real_tiny_models_from_runs(tmp_path):
         Cascade.from_runs(tmp_path / "nope", cls_run)
 
     image = np.random.default_rng(1).integers(0, 256, (200, 150, 3), dtype=np.uint8)
+    assert Cascade.from_runs(det_run, cls_run).det_threshold == 0.05   # no best.json: config's
+    (det_run / "metrics.json").write_text(json.dumps({"last": {"val_recall_threshold": 0.31}}))
+    assert Cascade.from_runs(det_run, cls_run).det_threshold == 0.31
+    (det_run / "metrics.json").write_text(json.dumps({"last": {"val_recall_threshold": 0.01}}))
+    assert Cascade.from_runs(det_run, cls_run).det_threshold == 0.05   # floored at config's
     cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(det_threshold=0.0, merge_px=0))
     assert cascade.cls_threshold == 0.7 and cascade.det_threshold == 0.0
     assert cascade.patch == 112 and cascade.nms_iou == det_config.inference.nms_iou

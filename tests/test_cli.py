@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from focas_keras.cli import main
 
 SUBCOMMANDS = ["synth", "prepare", "inspect", "train-det", "train-cls", "mine", "detect",
-               "evaluate", "patch-study", "demo"]
+               "evaluate", "calibrate", "patch-study", "export", "predict", "demo"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

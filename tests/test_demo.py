@@ -23,5 +23,5 @@ def test_demo_pipeline_reduced(tmp_path):
     assert len(list((detections / "overlays").iterdir())) == 2
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert "mining" in manifest
-    assert any("cascade (+ Mclass" in line for line in lines)
+    assert any("cascade (det >= " in line for line in lines)
     assert "stage1_merged" in result

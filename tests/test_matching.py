@@ -1,8 +1,10 @@
 """One-to-one centroid matching on hand-made cases."""
 
 import numpy as np
+import pytest
 
-from focas_keras.evaluation.matching import Counts, best_f1_threshold, count_matches, match_points
+from focas_keras.evaluation.matching import (Counts, best_f1_threshold, count_matches, match_points,
+                                             max_recall_threshold)
 
 
 def test_two_predictions_near_one_gt_one_is_fp():
@@ -52,3 +54,14 @@ def test_sweep_equals_brute_force_at_every_threshold():
             keep = s >= threshold
             brute = brute + count_matches(p[keep], s[keep], g, 30.0)
         assert total == brute
+
+
+def test_max_recall_threshold_is_the_loosest_cut_keeping_best_recall():
+    gt = np.array([[10.0, 10.0], [100.0, 100.0]])
+    preds = np.array([[11.0, 10.0], [300.0, 300.0], [100.0, 101.0], [500.0, 500.0]])
+    scores = np.array([0.9, 0.8, 0.4, 0.1])
+    assert max_recall_threshold([(preds, scores, gt)], 20.0) == pytest.approx(0.4)
+    # Only the first GT is ever found: the cut right at its score.
+    assert max_recall_threshold([(preds[:2], scores[:2], gt)], 20.0) == pytest.approx(0.9)
+    assert max_recall_threshold([(preds[1:2], scores[1:2], gt)], 20.0) == 0.0
+    assert max_recall_threshold([], 20.0) == 0.0

@@ -7,8 +7,8 @@ import tensorflow as tf
 
 from focas_keras.models import levels
 from focas_keras.models.anchors import generate_anchors
-from focas_keras.models.mdet import (anchor_config, build_mdet, decode_detections, detect_batch,
-                                     mdet_loss)
+from focas_keras.models.mdet import (Detector, anchor_config, build_mdet, decode_detections,
+                                     detect_batch, mdet_loss)
 from focas_keras.models.mdet_config import preset
 
 TINY = preset("tiny")
@@ -94,6 +94,18 @@ def test_nms_merges_duplicates_across_branches():
     outputs = {"anchor_cls": tf.constant(cls), "anchor_box": tf.zeros((1, n, 4))}
     dets = decode_detections(outputs, height, width, TINY)
     assert int(dets["num_detections"][0]) == 1
+
+
+def test_compiled_detector_equals_eager_detect_batch(model):
+    x = np.random.default_rng(3).random((2, 100, 70, 3), dtype=np.float32)
+    eager = detect_batch(model, x, TINY, score_threshold=0.0)
+    detector = Detector(model, TINY, score_threshold=0.0)
+    compiled = detector(x)
+    np.testing.assert_array_equal(compiled["num_detections"], eager["num_detections"])
+    np.testing.assert_allclose(compiled["scores"], eager["scores"], atol=1e-5)
+    np.testing.assert_allclose(compiled["boxes"], eager["boxes"], atol=1e-3)
+    boxes, scores = detector.detect_image((x[0] * 255).astype(np.uint8))
+    assert len(boxes) == len(scores) == int(eager["num_detections"][0])
 
 
 def test_detect_batch_pads_any_size(model):

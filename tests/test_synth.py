@@ -27,7 +27,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dense():
     """A crowded 1024 px field: enough mitoses and look-alikes to see every kind."""
-    return synthesize_image(1024, seed=5, image_id="dense", density=4.0)
+    return synthesize_image(1024, seed=5, image_id="dense", density=4.0, mimics=1.0)
 
 
 def _rgb(path):
@@ -141,7 +141,7 @@ def test_mitoses_darker_than_interphase_nuclei(dense):
         assert _values(hema, mitosis["pixels"]).mean() > 1.5 * hema[nuclear].mean()
 
 
-def test_all_phases_and_both_negative_kinds(dense):
+def test_all_phases_and_all_negative_kinds(dense):
     assert {m["phase"] for m in dense.mitoses} == set(PHASES)
     assert {n["kind"] for n in dense.hard_negatives} == set(NEGATIVE_KINDS)
     for mitosis in dense.mitoses:
@@ -204,7 +204,7 @@ def test_refuses_existing_output_and_overwrites_atomically(tmp_path):
     out = tmp_path / "data"
     out.mkdir()
     (out / "old.txt").write_text("x")
-    with pytest.raises(InputError, match=r"output exists \(use --overwrite\)"):
+    with pytest.raises(InputError, match=r"exists and is not empty \(use --overwrite\)"):
         write_dataset(out, images=1, size=128, seed=0)
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     write_dataset(out, images=2, size=128, seed=0, overwrite=True)
@@ -270,3 +270,18 @@ def test_full_size_field_is_fast():
     elapsed = time.perf_counter() - start
     assert elapsed < 5.0, f"{elapsed:.2f} s for a 2084 x 2084 field"
     assert 1 <= len(field.mitoses) <= 25 and 3 <= len(field.hard_negatives) <= 45
+
+
+def test_mimics_are_opt_in_and_look_like_metaphase_plates():
+    plain = synthesize_image(512, seed=3)
+    assert np.array_equal(synthesize_image(512, seed=3, mimics=0.0).image, plain.image)
+    mimicked = synthesize_image(1024, seed=3, mimics=3.0)
+    hyper = [n for n in mimicked.hard_negatives if n["kind"] == "hyperchromatic"]
+    assert len(hyper) >= 3
+    assert not any(n["kind"] == "hyperchromatic" for n in plain.hard_negatives)
+    hema = _hematoxylin(mimicked.image, mimicked.stain)
+    for obj in hyper:  # as dark as mitotic chromatin and within its size range
+        assert _values(hema, obj["pixels"]).mean() > 1.2
+        assert 20 <= _extent(obj["pixels"]) <= synth._MAX_EXTENT
+    with pytest.raises(InputError, match="mimics"):
+        synthesize_image(256, seed=0, mimics=-1)

@@ -82,7 +82,8 @@ def test_mirrored_strategy_on_two_cpus_and_validation(small_shards, tmp_path):
                        log=lambda *_: None)
     last = result["last"]
     assert np.isfinite(last["loss_total"]) and last["epoch"] == 2
-    for key in ("val_loss", "val_precision", "val_recall", "val_f1", "val_best_threshold"):
+    for key in ("val_loss", "val_precision", "val_recall", "val_f1", "val_best_threshold",
+                "val_recall_threshold"):
         assert key in last
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("epoch,")

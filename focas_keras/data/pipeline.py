@@ -43,6 +43,22 @@ def shard_entries(manifest: dict, kind: str, split: str) -> list[dict]:
     return [e for e in manifest["shards"] if e["kind"] == kind and e["split"] == split]
 
 
+def verify_for_training(shard_dir, manifest: dict, kind: str) -> tuple[bool, list[str]]:
+    """Verifies the train and val shards of one kind before a training run reads them.
+
+    Returns:
+        (whether the val split has records of ``kind``, the sha256 of every ``kind`` shard in
+        manifest order, which identifies the data of a run).
+
+    Raises:
+        InputError: a missing or corrupt shard.
+    """
+    verify_shards(shard_dir, shard_entries(manifest, kind, "train")
+                  + shard_entries(manifest, kind, "val"))
+    has_val = manifest["splits"].get("val", {}).get(kind, {}).get("records", 0) > 0
+    return has_val, [e["sha256"] for e in manifest["shards"] if e["kind"] == kind]
+
+
 def verify_shards(shard_dir, entries) -> None:
     """Checks that every shard exists with the size and sha256 the manifest records.
 

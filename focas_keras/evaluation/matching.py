@@ -141,3 +141,23 @@ def best_f1_threshold(per_image, radius: float) -> tuple[float, Counts]:
         if total.f1 > best[1].f1:
             best = (threshold, total)
     return best
+
+
+def max_recall_threshold(per_image, radius: float) -> float:
+    """The highest score threshold that still reaches the best recall of any threshold.
+
+    A cascade's stage 1 should pass on every mitosis it can find and as little else as
+    possible: this is the loosest cut that loses no mitosis found at the lowest score.
+
+    Args:
+        per_image: iterable of (pred_xy (P, 2), scores (P,), gt_xy (G, 2)).
+        radius: matching radius.
+
+    Returns:
+        The threshold; 0.0 when nothing matches (keep everything).
+    """
+    thresholds, counts = sweep_counts(per_image, radius)
+    if not counts or counts[-1].tp == 0:
+        return 0.0
+    best_tp = max(c.tp for c in counts)
+    return float(next(t for t, c in zip(thresholds, counts) if c.tp == best_tp))

@@ -26,7 +26,7 @@ from data_tools.annotations import ICPR2012_MPP, IMAGE_EXTENSIONS
 from focas_keras.errors import InputError
 from focas_keras.models.mclass import predict_proba
 from focas_keras.models.mclass_config import MclassConfig
-from focas_keras.models.mdet import INPUT_MULTIPLE, detect_batch, load_mdet_run
+from focas_keras.models.mdet import INPUT_MULTIPLE, Detector, load_mdet_run
 
 #: Columns of :meth:`Cascade.run`'s table.
 RESULT_COLUMNS = ["x", "y", "x1", "y1", "x2", "y2", "det_score", "cls_score", "accepted"]
@@ -173,25 +173,36 @@ def _read_json(path: Path):
 MIN_AUTO_CLS_THRESHOLD = 0.5
 
 
-def run_cls_threshold(cls_run, which: str = "best", default: float = 0.5) -> float:
-    """The acceptance threshold a ``train-cls`` run found best on its validation data.
+def run_metric(run_dir, key: str, which: str = "best", default: float = 0.5) -> float:
+    """A score threshold a training run found on its validation data.
 
-    ``best.json``'s ``metrics.val_best_threshold`` for ``which="best"``; for ``"model"`` (the
-    final weights) the last epoch's value in ``metrics.json``, else ``best.json``'s. ``default``
-    when the run has neither (no validation data).
+    ``best.json``'s ``metrics[key]`` for ``which="best"``; for ``"model"`` (the final weights)
+    the last epoch's value in ``metrics.json``, else ``best.json``'s. ``default`` when the run
+    has neither (no validation data) or the value is not in [0, 1].
     """
-    cls_run = Path(cls_run)
+    run_dir = Path(run_dir)
     candidates = []
-    if which == "model" and (cls_run / "metrics.json").is_file():
-        last = _read_json(cls_run / "metrics.json").get("last") or {}
-        candidates.append(last.get("val_best_threshold"))
-    if (cls_run / "best.json").is_file():
-        metrics = _read_json(cls_run / "best.json").get("metrics") or {}
-        candidates.append(metrics.get("val_best_threshold"))
+    if which == "model" and (run_dir / "metrics.json").is_file():
+        last = _read_json(run_dir / "metrics.json").get("last") or {}
+        candidates.append(last.get(key))
+    if (run_dir / "best.json").is_file():
+        metrics = _read_json(run_dir / "best.json").get("metrics") or {}
+        candidates.append(metrics.get(key))
     for value in candidates:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
             return float(value)
     return float(default)
+
+
+def run_cls_threshold(cls_run, which: str = "best", default: float = 0.5) -> float:
+    """The acceptance threshold of a ``train-cls`` run: its validation best-F1 threshold."""
+    return run_metric(cls_run, "val_best_threshold", which, default)
+
+
+def run_det_threshold(det_run, which: str = "best", default: float = 0.0) -> float:
+    """The candidate threshold of a ``train-det`` run: the highest stage-1 score threshold
+    that keeps its best validation recall (``val_recall_threshold``)."""
+    return run_metric(det_run, "val_recall_threshold", which, default)
 
 
 def _pick_checkpoint(run_dir: Path, which: str) -> str:
@@ -211,23 +222,31 @@ class Cascade:
         settings: how to run.
         cls_threshold_default: the acceptance threshold when ``settings.cls_threshold`` is None
             (e.g. the run's validation-best threshold).
+        det_threshold_default: the candidate threshold when ``settings.det_threshold`` is None
+            (e.g. the run's :func:`run_det_threshold`); never below the config's
+            ``inference.score_threshold``, which is used when this is None.
 
     Attributes:
         det_threshold, cls_threshold, nms_iou, patch: the resolved settings in use.
     """
 
     def __init__(self, det_model, det_config, cls_model, cls_config: MclassConfig,
-                 settings: CascadeSettings = CascadeSettings(), cls_threshold_default=0.5):
+                 settings: CascadeSettings = CascadeSettings(), cls_threshold_default=0.5,
+                 det_threshold_default=None):
         self.det_model, self.det_config = det_model, det_config
         self.cls_model, self.cls_config = cls_model, cls_config
         self.settings = settings
         inference, s = det_config.inference, settings
-        self.det_threshold = float(inference.score_threshold if s.det_threshold is None
-                                   else s.det_threshold)
+        if s.det_threshold is not None:
+            self.det_threshold = float(s.det_threshold)
+        else:
+            self.det_threshold = float(max(inference.score_threshold,
+                                           det_threshold_default or 0.0))
         self.cls_threshold = float(cls_threshold_default if s.cls_threshold is None
                                    else s.cls_threshold)
         self.nms_iou = float(inference.nms_iou if s.nms_iou is None else s.nms_iou)
         self.patch = int(cls_config.crop_size if s.patch is None else s.patch)
+        self._detector = None
 
     @classmethod
     def from_runs(cls, det_run, cls_run, settings: CascadeSettings = CascadeSettings(),
@@ -257,14 +276,16 @@ class Cascade:
         except (ValueError, OSError) as err:
             raise InputError(f"cannot load the model ({err})", model_path) from None
         return cls(det_model, det_config, cls_model, cls_config, settings,
-                   max(MIN_AUTO_CLS_THRESHOLD, run_cls_threshold(cls_run, cls_which)))
+                   max(MIN_AUTO_CLS_THRESHOLD, run_cls_threshold(cls_run, cls_which)),
+                   run_det_threshold(det_run, _pick_checkpoint(det_run, which)))
 
     # ------------------------------------------------------------------ overridable models
 
     def _detect_tiles(self, batch: np.ndarray) -> list:
         """Mdet on float32 [N, h, w, 3] images in [0, 1]; per image (boxes (D, 4), scores)."""
-        dets = detect_batch(self.det_model, batch, self.det_config,
-                            score_threshold=self.det_threshold)
+        if self._detector is None:
+            self._detector = Detector(self.det_model, self.det_config, self.det_threshold)
+        dets = self._detector(batch)
         counts = dets["num_detections"].numpy()
         boxes, scores = dets["boxes"].numpy(), dets["scores"].numpy()
         return [(boxes[i, :n], scores[i, :n]) for i, n in enumerate(counts)]

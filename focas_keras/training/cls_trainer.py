@@ -125,9 +125,7 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
     if not counts["positive"] or not counts["negative"]:
         raise InputError("cls training split needs both mitosis and non-mitosis patches",
                          data_dir)
-    pipeline.verify_shards(data_dir, pipeline.shard_entries(manifest, "cls", "train")
-                           + pipeline.shard_entries(manifest, "cls", "val"))
-    has_val = manifest["splits"].get("val", {}).get("cls", {}).get("records", 0) > 0
+    has_val, digests = pipeline.verify_for_training(data_dir, manifest, "cls")
     if init_weights is not None and not Path(init_weights).is_file():
         raise InputError("initial weights file not found", init_weights)
     t = config.train
@@ -153,7 +151,7 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
 
     spec = LoopSpec(
         identity={"kind": "mclass", "config": config.to_dict(), "data": str(data_dir.resolve()),
-                  "data_shards": [e["sha256"] for e in manifest["shards"] if e["kind"] == "cls"],
+                  "data_shards": digests,
                   "init_weights": None if init_weights is None else str(init_weights)},
         config_json=config.to_json(), train=t, steps_per_epoch=steps, build_model=build,
         losses=losses, train_dataset=train_dataset,

@@ -9,7 +9,8 @@ import numpy as np
 from focas_keras.data import pipeline
 from focas_keras.data.augment import AugmentConfig
 from focas_keras.errors import InputError
-from focas_keras.evaluation.matching import Counts, best_f1_threshold, count_matches
+from focas_keras.evaluation.matching import (Counts, best_f1_threshold, count_matches,
+                                             max_recall_threshold)
 from focas_keras.models.mdet import build_mdet, decode_detections, mdet_loss
 from focas_keras.models.mdet_config import MdetConfig
 from focas_keras.training.loop import LoopSpec, TrainingError, make_optimizer, run_training
@@ -61,6 +62,7 @@ def make_validator(config: MdetConfig, data_dir, batch_size: int):
         threshold, best = best_f1_threshold(per_image, radius)
         return {"val_loss": float(np.mean(np.concatenate(losses))),
                 "val_recall_at_min_score": at_min.recall,
+                "val_recall_threshold": max_recall_threshold(per_image, radius),
                 "val_precision": best.precision, "val_recall": best.recall, "val_f1": best.f1,
                 "val_best_threshold": threshold}
 
@@ -97,9 +99,7 @@ def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) ->
     train_records = manifest["splits"]["train"]["det"]["records"]
     if not train_records:
         raise InputError("no det training records", data_dir)
-    pipeline.verify_shards(data_dir, pipeline.shard_entries(manifest, "det", "train")
-                           + pipeline.shard_entries(manifest, "det", "val"))
-    has_val = manifest["splits"].get("val", {}).get("det", {}).get("records", 0) > 0
+    has_val, digests = pipeline.verify_for_training(data_dir, manifest, "det")
     t = config.train
     steps = t.steps_per_epoch or max(1, train_records // t.batch_size)
     augment = AugmentConfig() if t.augment else None
@@ -117,7 +117,7 @@ def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) ->
 
     spec = LoopSpec(
         identity={"kind": "mdet", "config": config.to_dict(), "data": str(data_dir.resolve()),
-                  "data_shards": [e["sha256"] for e in manifest["shards"] if e["kind"] == "det"]},
+                  "data_shards": digests},
         config_json=config.to_json(), train=t, steps_per_epoch=steps,
         build_model=lambda: build_mdet(config), losses=losses, train_dataset=train_dataset,
         validate=make_validator(config, data_dir, t.batch_size) if has_val else None,
