@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 HPF = Path(__file__).resolve().parents[2] / "shared/data/icpr2012/images/A03_00.jpg"
-VARIANTS = ("cascade_whole_fp32", "cascade_whole_fp32_before", "cascade_whole_bf16", "cascade_whole_bf16_p3p5",
-            "published_tiles_fp32", "keras_hub_retinanet_fp32")
+VARIANTS = ("cascade_whole_fp32", "cascade_whole_fp32_before", "cascade_whole_bf16",
+            "cascade_whole_bf16_p3p5", "published_tiles_fp32", "keras_hub_retinanet_fp32")
 
 
 def _image():

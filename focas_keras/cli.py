@@ -339,6 +339,33 @@ def mine(det_run, source, fmt, shard_dir, score_threshold, keep_tp, radius):
                + f" from {summary['images']} training images into {shard_dir}")
 
 
+def _cascade_options(command):
+    """The cascade settings shared by ``detect`` and ``export`` (all but ``--tile``)."""
+    options = [
+        click.option("--overlap", type=int, default=64, show_default=True,
+                     help="Tile overlap (px)."),
+        click.option("--tile-batch", type=int, default=8, show_default=True,
+                     help="Tiles per batch."),
+        click.option("--det-threshold", type=float, default=None,
+                     help="Stage-1 candidate threshold (default: the highest score that keeps "
+                          "the Mdet run's best validation recall, at least its inference "
+                          "threshold 0.05; better: `focas-keras calibrate`)."),
+        click.option("--cls-threshold", type=float, default=None,
+                     help="Stage-2 acceptance threshold (default: the Mclass run's best-F1 "
+                          "value, at least 0.5; better: `focas-keras calibrate`)."),
+        click.option("--patch", type=int, default=None,
+                     help="Crop side around each candidate (default: the Mclass run's, 112)."),
+        click.option("--merge-px", type=float, default=30.0, show_default=True,
+                     help="Accepted detections closer than this (px) to a better one are "
+                          "merged."),
+        click.option("--which", type=click.Choice(["best", "model"]), default="best",
+                     show_default=True, help="Use each run's best or final model."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--det", "det_run", required=True, type=click.Path(), help="A train-det run.")
@@ -353,20 +380,7 @@ def mine(det_run, source, fmt, shard_dir, score_threshold, keep_tp, radius):
                    "rescaled to it and results mapped back.")
 @click.option("--tile", type=int, default=0, show_default=True,
               help="Run Mdet in tiles of this side (px, multiple of 32); 0 = whole image.")
-@click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap (px).")
-@click.option("--tile-batch", type=int, default=8, show_default=True, help="Tiles per batch.")
-@click.option("--det-threshold", type=float, default=None,
-              help="Stage-1 candidate threshold (default: the highest score that keeps the Mdet "
-                   "run's best validation recall, at least its inference threshold 0.05).")
-@click.option("--cls-threshold", type=float, default=None,
-              help="Stage-2 acceptance threshold (default: the Mclass run's best-F1 value, "
-                   "at least 0.5).")
-@click.option("--patch", type=int, default=None,
-              help="Crop side around each candidate (default: the Mclass run's, 112).")
-@click.option("--merge-px", type=float, default=30.0, show_default=True,
-              help="Accepted detections closer than this (px) to a better one are merged.")
-@click.option("--which", type=click.Choice(["best", "model"]), default="best",
-              show_default=True, help="Use each run's best or final model.")
+@_cascade_options
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay images.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def detect(inputs, det_run, cls_run, out, mpp, model_mpp, tile, overlap, tile_batch,
@@ -401,18 +415,7 @@ def detect(inputs, det_run, cls_run, out, mpp, model_mpp, tile, overlap, tile_ba
                    "version is never overwritten.")
 @click.option("--tile", type=int, default=512, show_default=True,
               help="Stage-1 tile side (px, multiple of 32); the graph always runs tiled.")
-@click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap (px).")
-@click.option("--tile-batch", type=int, default=8, show_default=True, help="Tiles per batch.")
-@click.option("--det-threshold", type=float, default=None,
-              help="Stage-1 candidate threshold (default: as for detect).")
-@click.option("--cls-threshold", type=float, default=None,
-              help="Stage-2 acceptance threshold (default: as for detect).")
-@click.option("--patch", type=int, default=None,
-              help="Crop side around each candidate (default: the Mclass run's, 112).")
-@click.option("--merge-px", type=float, default=30.0, show_default=True,
-              help="Accepted detections closer than this (px) to a better one are merged.")
-@click.option("--which", type=click.Choice(["best", "model"]), default="best",
-              show_default=True, help="Use each run's best or final model.")
+@_cascade_options
 @click.option("--max-detections", type=int, default=300, show_default=True,
               help="Candidates returned per image (the best by stage-1 score).")
 @click.option("--max-pixels", type=int, default=25_000_000, show_default=True,

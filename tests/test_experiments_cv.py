@@ -1,0 +1,137 @@
+"""Pure logic of experiments/icpr2012_cv.py and experiments/ablation.py (no training)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_exp_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cv = _load("icpr2012_cv")
+
+
+def test_slides_of_uses_first_three_characters():
+    names = ["A03_00.jpg", "A00_08.jpg", "A00_00.jpg", "A04_07.jpg"]
+    assert cv.slides_of(names) == ["A00", "A03", "A04"]
+
+
+def test_folds_leave_one_slide_out_with_disjoint_validation():
+    slides = ["A00", "A01", "A02", "A03", "A04"]
+    folds = cv.make_folds(slides)
+    assert [f["test"] for f in folds] == slides
+    for f in folds:
+        assert f["val"] != f["test"]
+        assert f["test"] not in f["train"] and f["val"] not in f["train"]
+        assert sorted(f["train"] + [f["val"], f["test"]]) == slides
+    # every slide validates exactly once
+    assert sorted(f["val"] for f in folds) == slides
+    assert folds[0] == {"test": "A00", "val": "A01", "train": ["A02", "A03", "A04"]}
+    assert folds[4]["val"] == "A00"
+
+
+def test_folds_need_three_slides():
+    with pytest.raises(ValueError):
+        cv.make_folds(["A00", "A01"])
+
+
+def test_prf_and_pooling_sum_counts_before_ratios():
+    assert cv.prf(0, 0, 0) == {"tp": 0, "fp": 0, "fn": 0, "precision": 0.0, "recall": 0.0,
+                               "f1": 0.0}
+    folds = [{"cascade": cv.prf(8, 2, 0)}, {"cascade": cv.prf(2, 8, 10)}]
+    pooled = cv.pool(folds, "cascade")
+    assert (pooled["tp"], pooled["fp"], pooled["fn"]) == (10, 10, 10)
+    assert pooled["precision"] == pytest.approx(0.5)
+    assert pooled["recall"] == pytest.approx(0.5)
+    assert pooled["f1"] == pytest.approx(0.5)
+
+
+def test_format_tables_has_pooled_and_per_fold_rows():
+    row = cv.prf(3, 1, 1)
+    result = {"test": "A00", "val": "A01", "det_threshold": 0.4, "cls_threshold": 0.5,
+              "stage1": row, "stage1_merged": row, "cascade": row, "seconds": 125.0}
+    text = cv.format_tables([result])
+    assert "| cascade (Mdet -> Mclass -> 30 px merge) | 3 | 1 | 1 | 0.750 | 0.750 | 0.750 |" \
+        in text
+    assert "| A00 | A01 | 4 | 0.400 | 0.500 | 3/1/1, 0.750" in text
+    assert "2 min 05 s" in text
+
+
+def test_find_nested_key():
+    assert cv._find({"a": {"cls_threshold": 0.7}}, "cls_threshold") == 0.7
+    assert cv._find({"a": 1}, "cls_threshold") is None
+
+
+ablation = _load("ablation")
+
+
+def test_ablation_variants_switch_one_part_at_a_time():
+    base = ablation.variant_overrides("base_anchor", epochs=3, seed=1)
+    assert base == {"backbone.cbam": False, "backbone.norm": "bn", "backbone.ws": False,
+                    "head.head": "anchor", "train.epochs": 3, "train.seed": 1}
+    full = ablation.variant_overrides("full", 8)
+    assert (full["backbone.cbam"], full["backbone.norm"], full["backbone.ws"],
+            full["head.head"]) == (True, "gn", True, "hybrid")
+    assert ablation.variant_overrides("full_free", 8)["head.head"] == "free"
+    assert set(ablation.TABLE1) | set(ablation.TABLE5) == set(ablation.VARIANTS)
+    with pytest.raises(KeyError):
+        ablation.variant_overrides("nope", 1)
+
+
+def test_ablation_variants_are_valid_tiny_configs():
+    from focas_keras.models.mdet_config import preset
+
+    for name in ablation.VARIANTS:
+        preset("tiny").override(**ablation.variant_overrides(name, 1)).validate()
+
+
+def test_markdown_row_and_stage1_frame():
+    row = ablation.markdown_row("x", {"stage1": cv.prf(1, 1, 0), "r": 0.5, "m": None},
+                                keys=("stage1", "r", "m"))
+    assert row == "| x | 1/1/0; P 0.500 R 1.000 F1 0.667 | 0.500 | - |"
+    frame = ablation.stage1_frame({"S00_00": ([[0, 0, 10, 20], [5, 5, 7, 7]], [0.9, 0.2]),
+                                   "S00_01": ([], [])})
+    assert list(frame["x"]) == [5.0, 6.0] and list(frame["y"]) == [10.0, 6.0]
+    assert not frame["accepted"].any() and frame["cls_score"].isna().all()
+
+
+def _preds(rows):
+    import pandas as pd
+
+    cols = ["image", "x", "y", "x1", "y1", "x2", "y2", "det_score", "cls_score", "accepted"]
+    frame = pd.DataFrame([{"image": r[0], "x": r[1], "y": r[2], "x1": r[1] - 5,
+                           "y1": r[2] - 5, "x2": r[1] + 5, "y2": r[2] + 5, "det_score": r[3],
+                           "cls_score": r[4], "accepted": False} for r in rows], columns=cols)
+    return frame.astype({"image": str, "accepted": bool})
+
+
+def test_select_thresholds_then_merges_within_radius():
+    preds = _preds([("a", 100, 100, 0.9, 0.2), ("a", 110, 100, 0.8, 0.9),
+                    ("a", 300, 300, 0.3, 0.7), ("b", 50, 50, 0.6, 0.1)])
+    stage1 = cv.select(preds, "stage1", 0.5, 30.0)
+    assert list(zip(stage1.image, stage1.x)) == [("a", 100), ("b", 50)]  # 110 merged into 100
+    cascade = cv.select(preds, "cascade", 0.5, 30.0)
+    assert list(zip(cascade.image, cascade.x)) == [("a", 110), ("a", 300)]
+    assert len(cv.select(preds, "stage1", 0.5, 0.0)) == 3
+
+
+def test_candidate_and_best_thresholds():
+    assert cv.candidate_thresholds([0.1, 0.5, 0.5, float("nan")]) == [0.5, 0.1]
+    assert len(cv.candidate_thresholds(range(1000), most=10)) == 10
+    truth = {"a": __import__("numpy").array([[100.0, 100.0]]), "b": __import__("numpy")
+             .zeros((0, 2))}
+    preds = _preds([("a", 101, 100, 0.9, 0.9), ("a", 300, 300, 0.95, 0.1),
+                    ("b", 50, 50, 0.4, 0.3)])
+    t, counts = cv.best_threshold(truth, preds, "cascade", 30.0)
+    assert t == 0.9 and (counts["tp"], counts["fp"], counts["fn"]) == (1, 0, 0)
+    t, counts = cv.best_threshold(truth, preds, "stage1", 30.0)
+    assert t == 0.9 and (counts["tp"], counts["fp"]) == (1, 1)
