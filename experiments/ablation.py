@@ -335,13 +335,17 @@ def tables(results: Path) -> str:
     head = ("| variant | params | train s | stage-1 recall @0.05 (candidates) | stage 1 @ val "
             "thr: TP/FP/FN; P R F1 | stage 1 + 30 px merge |\n|---|---:|---:|---|---|---|")
     lines = ["Table 1 (ablation)", "", head]
-    for name in TABLE1:
-        r = load(name)
-        if r:
-            t = r["test"]
-            lines.append(f"| {VARIANTS[name][0]} | {r['params']:,} | {r['train_seconds']:.0f} | "
-                         f"{t['recall_at_min']:.3f} ({t['candidates_at_min']}) | "
-                         + markdown_row("", t, keys=("stage1", "stage1_merged"))[4:])
+    def stage1_rows(names):
+        for name in names:
+            r = load(name)
+            if r:
+                t = r["test"]
+                lines.append(f"| {VARIANTS[name][0]} | {r['params']:,} | "
+                             f"{r['train_seconds']:.0f} | {t['recall_at_min']:.3f} "
+                             f"({t['candidates_at_min']}) | "
+                             + markdown_row("", t, keys=("stage1", "stage1_merged"))[4:])
+
+    stage1_rows(TABLE1)
     for path in sorted(results.glob("cascade_full_r*.json")):
         r = json.loads(path.read_text())
         c = r["cascade"]
@@ -350,13 +354,7 @@ def tables(results: Path) -> str:
                      f"{c['fn']}; P {c['precision']:.3f} R {c['recall']:.3f} F1 {c['f1']:.3f} "
                      f"(Mclass thr {r['cls_threshold']:.2f}, {r['mined']} mined) | - |")
     lines += ["", "Table 5 (heads, full backbone)", "", head]
-    for name in TABLE5:
-        r = load(name)
-        if r:
-            t = r["test"]
-            lines.append(f"| {VARIANTS[name][0]} | {r['params']:,} | {r['train_seconds']:.0f} | "
-                         f"{t['recall_at_min']:.3f} ({t['candidates_at_min']}) | "
-                         + markdown_row("", t, keys=("stage1", "stage1_merged"))[4:])
+    stage1_rows(TABLE5)
     return "\n".join(lines)
 
 

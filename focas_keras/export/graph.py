@@ -346,6 +346,7 @@ class ServingModule(tf.Module):
         self.model_variables = [v for model in models.values() for v in model.variables]
 
     def _signature_functions(self) -> dict:
+        """``{signature name: tf.function}``; every subclass defines its own."""
         raise NotImplementedError
 
     def signatures(self) -> dict:
