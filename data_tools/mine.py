@@ -73,13 +73,30 @@ def _box_centres(boxes, width: int, height: int) -> np.ndarray:
 
 
 def _make_detector(det_run, score_threshold):
+    from focas_keras.inference.cascade import run_data_mpp
     from focas_keras.models.mdet import Detector, load_mdet_run
 
     if det_run is None:
         raise InputError("no detector run given")
     model, config = load_mdet_run(det_run)
     threshold = config.inference.score_threshold if score_threshold is None else score_threshold
-    return Detector(model, config, threshold).detect_image, float(threshold)
+    return (Detector(model, config, threshold).detect_image, float(threshold),
+            run_data_mpp(det_run))
+
+
+def _detect_at(detector, image, image_mpp, det_mpp, image_id):
+    """Runs ``detector`` at ``det_mpp`` (None: on the image as it is); boxes in image pixels."""
+    from focas_keras.inference.resize import resize_by
+
+    if det_mpp is None or image_mpp == det_mpp:
+        return detector(image)
+    if not (image_mpp is not None and np.isfinite(image_mpp) and image_mpp > 0):
+        raise InputError(f"image '{image_id}' has no pixel size, but the detector runs at "
+                         f"{det_mpp:g} um/px")
+    small, sx, sy = resize_by(image, float(image_mpp) / float(det_mpp))
+    boxes, scores = detector(small)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4) / np.array([sx, sy, sx, sy])
+    return boxes, scores
 
 
 def _update_counts(cls_counts: dict, fp: int, tp: int) -> None:
@@ -92,7 +109,7 @@ def _update_counts(cls_counts: dict, fp: int, tp: int) -> None:
 
 def mine_hard_negatives(det_run, source, fmt, shard_dir, score_threshold=None,
                         keep_true_positives=False, radius=20.0, max_per_image=200,
-                        progress=False, detector=None) -> dict:
+                        progress=False, detector=None, det_mpp=None) -> dict:
     """Mines Mdet's false positives on the training images into new cls shards.
 
     Args:
@@ -108,6 +125,10 @@ def mine_hard_negatives(det_run, source, fmt, shard_dir, score_threshold=None,
         progress: show a progress bar over images.
         detector: optional callable ``(image uint8 (H, W, 3)) -> (boxes (D, 4), scores (D,))``
             used instead of loading ``det_run`` (tests, other detectors).
+        det_mpp: pixel size (um/px) the detector runs at; images are resized to it for
+            detection and the boxes mapped back to the patches' pixels. None: ``det_run``'s
+            (:func:`~focas_keras.inference.cascade.run_data_mpp`), or the patches' own
+            pixel size when the run was trained on unrescaled shards.
 
     Returns:
         The ``mining`` summary, also stored in the manifest.
@@ -132,7 +153,8 @@ def mine_hard_negatives(det_run, source, fmt, shard_dir, score_threshold=None,
                              "dataset", source)
     threshold = score_threshold
     if detector is None:
-        detector, threshold = _make_detector(det_run, score_threshold)
+        detector, threshold, run_mpp = _make_detector(det_run, score_threshold)
+        det_mpp = run_mpp if det_mpp is None else det_mpp
     params = manifest["parameters"]
     target_mpp, size = params.get("target_mpp"), int(manifest["patch_size"])
     max_bytes = int(float(params.get("shard_mb", 64.0)) * (1 << 20))
@@ -149,7 +171,8 @@ def mine_hard_negatives(det_run, source, fmt, shard_dir, score_threshold=None,
             objects = aset.annotations[aset.annotations.image_id == image_id]
             factor = 1.0 if target_mpp is None else float(info.mpp) / float(target_mpp)
             image, objects = _rescale(load_image(info.image_path), objects, factor)
-            boxes, scores = detector(image)
+            image_mpp = float(info.mpp) if target_mpp is None else float(target_mpp)
+            boxes, scores = _detect_at(detector, image, image_mpp, det_mpp, image_id)
             boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
             scores = np.asarray(scores, np.float64).reshape(-1)
             keep = np.argsort(-scores, kind="stable")[:max_per_image]
@@ -185,6 +208,7 @@ def mine_hard_negatives(det_run, source, fmt, shard_dir, score_threshold=None,
     _update_counts(manifest["splits"][TRAIN]["cls"], written[MINED], written[MINED_TP])
     mining = {
         "det_run": None if det_run is None else str(Path(det_run).resolve()),
+        "det_mpp": None if det_mpp is None else float(det_mpp),
         "score_threshold": threshold, "radius": float(radius),
         "keep_true_positives": bool(keep_true_positives), "max_per_image": int(max_per_image),
         "images": len(train_ids), **stats, "records": written[MINED] + written[MINED_TP],

@@ -8,6 +8,9 @@ go through stage 2 on 112 px crops):
 - ``cascade_whole_fp32_before``: the same as the package ran before the two speed levers:
   Keras's ``GroupNormalization`` instead of :class:`focas_keras.layers.group_norm.GroupNorm`
   and an eager forward pass instead of the compiled :class:`focas_keras.models.mdet.Detector`.
+- ``cascade_half_fp32``: stage 1 at half resolution (Mdet on the HPF shrunk to 1042 px,
+  0.4912 um/px, anchors halved), stage 2 on 112 px crops of the full-resolution HPF: what
+  ``detect`` runs with an Mdet trained on ``prepare --target-mpp 0.4912`` shards.
 - ``cascade_whole_bf16``: the same under ``mixed_bfloat16``.
 - ``cascade_whole_bf16_p3p5``: bf16 with the pyramid cut to P3-P5 (mitoses are 26-68 px:
   P6/P7 anchors never match them).
@@ -34,7 +37,8 @@ import time
 from pathlib import Path
 
 HPF = Path(__file__).resolve().parents[2] / "shared/data/icpr2012/images/A03_00.jpg"
-VARIANTS = ("cascade_whole_fp32", "cascade_whole_fp32_before", "cascade_whole_bf16",
+VARIANTS = ("cascade_whole_fp32", "cascade_half_fp32", "cascade_whole_fp32_before",
+            "cascade_whole_bf16",
             "cascade_whole_bf16_p3p5", "published_tiles_fp32", "keras_hub_retinanet_fp32")
 
 
@@ -51,6 +55,7 @@ def _image():
 def _cascade(variant: str):
     import keras
 
+    from data_tools.annotations import ICPR2012_MPP
     from focas_keras.inference.cascade import Cascade, CascadeSettings
     from focas_keras.models.mclass import build_mclass
     from focas_keras.models.mclass_config import preset as cls_preset
@@ -73,9 +78,13 @@ def _cascade(variant: str):
     overrides = {"inference.score_threshold": 0.0, "inference.max_detections": 100}
     if "p3p5" in variant:
         overrides["fpn.max_level"] = 5
+    half = "half" in variant
+    if half:
+        overrides["head.base_sizes"] = (12, 24, 48, 96, 192)
     det_config = det_preset("paper").override(**overrides)
     tiles = variant.startswith("published")
-    settings = CascadeSettings(det_threshold=0.0, tile=224 if tiles else 0,
+    settings = CascadeSettings(det_threshold=0.0, det_mpp=2 * ICPR2012_MPP if half else None,
+                               tile=224 if tiles else 0,
                                overlap=32 if tiles else 64, tile_batch=11, cls_threshold=0.5)
     keras.utils.set_random_seed(0)
     return Cascade(build_mdet(det_config), det_config, build_mclass(cls_preset("paper")),

@@ -376,22 +376,28 @@ def _cascade_options(command):
 @click.option("--mpp", type=float, default=0.2456, show_default=True,
               help="Pixel size of the input images (um/px).")
 @click.option("--model-mpp", type=float, default=None,
-              help="Pixel size the models were trained at (default: --mpp); images are "
-                   "rescaled to it and results mapped back.")
+              help="Pixel size both models were trained at (default: what each run recorded, "
+                   "else --mpp); images are rescaled to it and results mapped back.")
+@click.option("--det-mpp", type=float, default=None,
+              help="Pixel size Mdet runs at (default: --model-mpp, else its run's).")
+@click.option("--cls-mpp", type=float, default=None,
+              help="Pixel size of Mclass's crops (default: --model-mpp, else its run's).")
 @click.option("--tile", type=int, default=0, show_default=True,
               help="Run Mdet in tiles of this side (px, multiple of 32); 0 = whole image.")
 @_cascade_options
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay images.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def detect(inputs, det_run, cls_run, out, mpp, model_mpp, tile, overlap, tile_batch,
-           det_threshold, cls_threshold, patch, merge_px, which, no_overlays, overwrite):
+def detect(inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp, tile, overlap,
+           tile_batch, det_threshold, cls_threshold, patch, merge_px, which, no_overlays,
+           overwrite):
     """Find mitoses in INPUTS (images or directories of .bmp/.png/.jpg/.tif HPFs)."""
     _import_tensorflow()
     from focas_keras.inference.cascade import Cascade, CascadeSettings, list_inputs
     from focas_keras.inference.outputs import detect_to_dir
 
     files = list_inputs(inputs)
-    settings = CascadeSettings(mpp=mpp, model_mpp=model_mpp, tile=tile, overlap=overlap,
+    settings = CascadeSettings(mpp=mpp, model_mpp=model_mpp, det_mpp=det_mpp, cls_mpp=cls_mpp,
+                               tile=tile, overlap=overlap,
                                tile_batch=tile_batch, det_threshold=det_threshold,
                                cls_threshold=cls_threshold, patch=patch, merge_px=merge_px)
     cascade = Cascade.from_runs(det_run, cls_run, settings, which=which)
@@ -414,7 +420,11 @@ def detect(inputs, det_run, cls_run, out, mpp, model_mpp, tile, overlap, tile_ba
               help="Version to write (default: one above the highest under BASE); an existing "
                    "version is never overwritten.")
 @click.option("--tile", type=int, default=512, show_default=True,
-              help="Stage-1 tile side (px, multiple of 32); the graph always runs tiled.")
+              help="Stage-1 tile side (px, multiple of 32, in Mdet's pixels); the graph always "
+                   "runs tiled.")
+@click.option("--mpp", type=float, default=0.2456, show_default=True,
+              help="Pixel size of the images the server will receive (um/px): Mclass's. An "
+                   "Mdet run trained at a coarser one (prepare --target-mpp) gets them shrunk.")
 @_cascade_options
 @click.option("--max-detections", type=int, default=300, show_default=True,
               help="Candidates returned per image (the best by stage-1 score).")
@@ -429,7 +439,7 @@ def detect(inputs, det_run, cls_run, out, mpp, model_mpp, tile, overlap, tile_ba
               help="Print the signatures (like saved_model_cli show); without --det/--cls, only "
                    "print those of the newest (or --version) models under --out.")
 @click.pass_context
-def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, tile, overlap,
+def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, tile, mpp, overlap,
                tile_batch, det_threshold, cls_threshold, patch, merge_px, which, max_detections,
                max_pixels, sample, config_base, check):
     """Export the cascade, Mdet and Mclass as SavedModels for TensorFlow Serving."""
@@ -445,7 +455,7 @@ def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, t
     from data_tools.annotations import load_image
     from focas_keras.inference.cascade import Cascade, CascadeSettings
 
-    settings = CascadeSettings(tile=tile, overlap=overlap, tile_batch=tile_batch,
+    settings = CascadeSettings(mpp=mpp, tile=tile, overlap=overlap, tile_batch=tile_batch,
                                det_threshold=det_threshold, cls_threshold=cls_threshold,
                                patch=patch, merge_px=merge_px)
     cascade = Cascade.from_runs(det_run, cls_run, settings, which=which)
@@ -619,8 +629,11 @@ def calibrate(truth, fmt, pred, radius_px, radius_um, merge_px, as_json):
               help="Comma-separated crop sides (px).")
 @click.option("--mpp", type=float, default=0.2456, show_default=True)
 @click.option("--model-mpp", type=float, default=None)
+@click.option("--det-mpp", type=float, default=None)
+@click.option("--cls-mpp", type=float, default=None)
 @click.option("--radius-px", type=float, default=20.0, show_default=True)
-def patch_study(inputs, det_run, cls_run, truth, fmt, sizes, mpp, model_mpp, radius_px):
+def patch_study(inputs, det_run, cls_run, truth, fmt, sizes, mpp, model_mpp, det_mpp, cls_mpp,
+                radius_px):
     """Paper Table 2: stage 2 on the same stage-1 candidates with several crop sizes."""
     _import_tensorflow()
     from focas_keras.evaluation.evaluate import read_truth
@@ -632,7 +645,8 @@ def patch_study(inputs, det_run, cls_run, truth, fmt, sizes, mpp, model_mpp, rad
     except ValueError:
         raise InputError(f"--sizes must be comma-separated integers, got '{sizes}'") from None
     files = list_inputs(inputs)
-    cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(mpp=mpp, model_mpp=model_mpp))
+    cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(
+        mpp=mpp, model_mpp=model_mpp, det_mpp=det_mpp, cls_mpp=cls_mpp))
     rows = patch_size_study(cascade, files, read_truth(truth, fmt).points, size_list, radius_px)
     click.echo(f"{'crop':>6s} {'TP':>5s} {'FP':>5s} {'FN':>5s}  precision  recall     F1")
     for row in rows:

@@ -157,6 +157,63 @@ def test_rescaling_maps_boxes_back(mpp, model_mpp, shape):
     assert (patches[:, 12, 12] < 60).all()  # centres in the rescaled image hit the squares
 
 
+class _StageMppFake(FakeCascade):
+    def __init__(self, settings, det_mpp_default=None, cls_mpp_default=None):
+        Cascade.__init__(self, None, mdet_preset("tiny"), None, mclass_preset("tiny"), settings,
+                         0.5, None, det_mpp_default, cls_mpp_default)
+        self.batches, self.patches = [], []
+
+
+def test_each_stage_runs_at_its_own_pixel_size():
+    """Stage 1 at half resolution, stage 2 on the full-resolution image: boxes come back in
+    input pixels and the crops are cut from the unscaled image around the right centres."""
+    image = np.full((80, 100, 3), 220, np.uint8)
+    image[10:20, 20:30] = 40
+    image[50:70, 60:80] = 30
+    fake = _StageMppFake(CascadeSettings(mpp=0.25, det_threshold=0.0, patch=8, merge_px=0),
+                         det_mpp_default=0.5)
+    assert (fake.det_mpp, fake.cls_mpp, fake.det_scale, fake.cls_scale) == (0.5, 0.25, 0.5, 1.0)
+    table = fake.run(image)
+    assert fake.batches == [(1, 40, 50, 3)]          # Mdet saw the half-size image
+    np.testing.assert_allclose(table.sort_values("x")[["x1", "y1", "x2", "y2"]],
+                               [[20, 10, 30, 20], [60, 50, 80, 70]])
+    patches = fake.patches[-1]
+    assert patches.shape == (2, 8, 8, 3)
+    # Full-resolution crops: the 10 px square (value 40) fills the whole 8 px crop around
+    # (25, 15); the 20 px square (value 30) fills its crop too.
+    assert sorted(int(v) for v in patches.reshape(2, -1).max(axis=1)) == [30, 40]
+    assert sorted(int(v) for v in patches.reshape(2, -1).min(axis=1)) == [30, 40]
+    np.testing.assert_allclose(sorted(fake.stage2(image, table[["x1", "y1", "x2", "y2"]]
+                                                  .to_numpy())), sorted(table.cls_score))
+
+
+def test_stage_pixel_size_precedence():
+    def fake(det_run=None, cls_run=None, **settings):
+        return _StageMppFake(CascadeSettings(mpp=0.25, **settings), det_run, cls_run)
+
+    assert (fake().det_mpp, fake().cls_mpp) == (0.25, 0.25)             # nothing: the input's
+    assert (fake(0.5, 0.3).det_mpp, fake(0.5, 0.3).cls_mpp) == (0.5, 0.3)  # the runs'
+    both = fake(0.5, 0.3, model_mpp=0.4)                                  # model_mpp beats runs
+    assert (both.det_mpp, both.cls_mpp) == (0.4, 0.4)
+    own = fake(0.5, 0.3, model_mpp=0.4, det_mpp=1.0, cls_mpp=0.2)         # stage settings win
+    assert (own.det_mpp, own.cls_mpp, own.det_scale, own.cls_scale) == (1.0, 0.2, 0.25, 1.25)
+    with pytest.raises(InputError, match="det mpp must be > 0"):
+        CascadeSettings(det_mpp=0.0)
+
+
+def test_run_data_mpp_is_read_from_run_json(tmp_path):
+    from focas_keras.inference.cascade import run_data_mpp
+
+    assert run_data_mpp(tmp_path) is None                     # no run.json
+    (tmp_path / "run.json").write_text(json.dumps({"kind": "mdet"}))
+    assert run_data_mpp(tmp_path) is None                     # shards kept the images' size
+    (tmp_path / "run.json").write_text(json.dumps({"kind": "mdet", "data_mpp": 0.4912}))
+    assert run_data_mpp(tmp_path) == 0.4912
+    (tmp_path / "run.json").write_text(json.dumps({"kind": "mdet", "data_mpp": "x"}))
+    with pytest.raises(InputError, match="data_mpp must be a positive number"):
+        run_data_mpp(tmp_path)
+
+
 def test_run_table_and_acceptance_threshold():
     image, _ = _squares_image()
     fake = FakeCascade(CascadeSettings(det_threshold=0.0))
@@ -264,6 +321,16 @@ def test_real_tiny_models_from_runs(tmp_path):
     assert Cascade.from_runs(det_run, cls_run).cls_threshold == 0.5
     assert Cascade.from_runs(det_run, cls_run,
                              CascadeSettings(cls_threshold=0.01)).cls_threshold == 0.01
+    # A det run trained on shards rescaled to 0.4912 um/px runs Mdet on the half-size image.
+    (det_run / "run.json").write_text(json.dumps({"kind": "mdet", "data_mpp": 0.4912}))
+    half = Cascade.from_runs(det_run, cls_run, CascadeSettings(det_threshold=0.0, merge_px=0))
+    assert (half.det_mpp, half.cls_mpp, half.det_scale) == (0.4912, 0.2456, 0.5)
+    table = half.run(image)
+    assert len(table) > 0
+    assert ((table.x1 >= 0) & (table.x2 <= 150) & (table.y1 >= 0) & (table.y2 <= 200)).all()
+    np.testing.assert_allclose(table.cls_score, half.stage2(image, table[["x1", "y1", "x2",
+                                                                          "y2"]].to_numpy()),
+                               atol=1e-6)
 
 
 def test_merge_points_keeps_one_detection_per_cell():

@@ -476,8 +476,38 @@ def test_export_settings_refuse_whole_image_and_rescaling():
         graph.GraphSettings.from_cascade(cascade)
     cascade = Cascade(None, mdet_preset("tiny"), None, mclass_preset("tiny"),
                       CascadeSettings(tile=64, overlap=16, mpp=0.25, model_mpp=0.5))
-    with pytest.raises(InputError, match="does not rescale"):
+    with pytest.raises(InputError, match="at Mclass's pixel size and can only shrink"):
         graph.GraphSettings.from_cascade(cascade)
+    cascade = Cascade(None, mdet_preset("tiny"), None, mclass_preset("tiny"),
+                      CascadeSettings(tile=64, overlap=16, mpp=0.5, det_mpp=0.25))
+    with pytest.raises(InputError, match="only shrink"):   # Mdet finer than the images
+        graph.GraphSettings.from_cascade(cascade)
+
+
+def test_export_with_stage1_at_half_resolution(tmp_path):
+    """Mdet trained at twice the pixel size: the graph shrinks each image for stage 1 exactly
+    as the Python cascade does, maps boxes back, and crops the full-resolution image."""
+    sample, other = _image(260, 300, 3), _image(101, 157, 4)  # odd sides: rounding of sizes
+    det, det_config, cls, cls_config = _models(sample)
+    cascade = Cascade(det, det_config, cls, cls_config,
+                      CascadeSettings(**SETTINGS, mpp=0.25, det_mpp=0.5), 0.5)
+    settings = graph.GraphSettings.from_cascade(cascade, MAX_DETECTIONS, MAX_PIXELS)
+    assert settings.det_scale == 0.5
+    result = savedmodel.export(cascade, tmp_path / "base", sample=sample,
+                               max_detections=MAX_DETECTIONS, max_pixels=MAX_PIXELS)
+    assert result["check"]["candidates"] > 3          # the built-in check compared them all
+    loaded = tf.saved_model.load(str(tmp_path / "base" / "focasnet" / "1"))
+    for image in (sample, other):
+        got = savedmodel.outputs_to_tables(loaded.signatures["serving_default"](
+            images=tf.constant(image[None])))[0]
+        want = savedmodel.reference_table(cascade, image, MAX_DETECTIONS)
+        compare.compare_tables(got, want, "half", settings)
+        assert len(got) == len(want)
+    # The boxes are in input pixels and stage 1 really ran on the half-size image: a cascade
+    # running Mdet at full resolution finds other candidates.
+    assert float(want[["x2", "y2"]].max().max()) > 100
+    full = Cascade(det, det_config, cls, cls_config, CascadeSettings(**SETTINGS, mpp=0.25), 0.5)
+    assert not np.array_equal(full.stage1(other)[1], cascade.stage1(other)[1])
 
 
 # --------------------------------------------------------------------------- clients

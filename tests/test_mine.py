@@ -259,6 +259,32 @@ def test_images_are_rescaled_like_prepare(tmp_path):
     assert mining["true_positives"] == 1
 
 
+def test_detector_at_another_pixel_size_maps_boxes_back(tmp_path):
+    """Patches at full resolution, a detector trained at half: it sees the half-size image and
+    its boxes are mapped back to full-resolution patch centres."""
+    root = tmp_path / "tiny"
+    write_tiny_icpr(root, slides=("A00", "A01"), per_slide=2)
+    out = tmp_path / "shards"
+    prepare(read_dataset("icpr2012", root), out, PrepareConfig(
+        tile_size=64, patch_size=32, val_slides=("A01",)))
+    shapes = []
+
+    def detector(image):
+        shapes.append(image.shape)
+        # The first mitosis of A00_00, centroid (51.5, 69.5), is at ~(25.75, 34.75) here.
+        return np.array([_box(26, 35), _box(120, 120)], np.float32), np.array([0.9, 0.8])
+
+    mining = mine_hard_negatives(None, root, "icpr2012", out, detector=detector,
+                                 keep_true_positives=True, radius=5.0,
+                                 det_mpp=2 * ICPR2012_MPP)
+    assert shapes == [(160, 160, 3), (160, 160, 3)]
+    assert mining["det_mpp"] == 2 * ICPR2012_MPP
+    recs = pipeline.read_records(out, records.CLS, "train")
+    assert _by_image(recs, "mined_tp") == {"A00_00": [(52, 70)]}
+    assert _by_image(recs, "mined") == {"A00_00": [(240, 240)],
+                                        "A00_01": [(52, 70), (240, 240)]}
+
+
 def test_missing_detector_run_is_an_input_error(prepared, tmp_path):
     root, _, out = prepared
     with pytest.raises(InputError, match="config.json"):

@@ -141,6 +141,7 @@ class _FakeCascade:
 
     settings = _Settings()
     det_threshold, cls_threshold, nms_iou, patch = 0.05, 0.5, 0.5, 112
+    det_mpp, cls_mpp = 0.4912, 0.2456
 
     def run(self, image):
         return _frame([(1, 2, 11, 12, 0.9, 0.8, True)])
@@ -158,6 +159,7 @@ def test_detect_to_dir(tmp_path):
     summary = json.loads((out / "detect.json").read_text())
     assert summary["totals"] == {"images": 2, "candidates": 2, "accepted": 2}
     assert summary["resolved"]["cls_threshold"] == 0.5
+    assert (summary["resolved"]["det_mpp"], summary["resolved"]["cls_mpp"]) == (0.4912, 0.2456)
     assert not _no_tmp(out)
     with pytest.raises(InputError, match="not empty"):
         outputs.detect_to_dir(_FakeCascade(), [src], out, progress=False)

@@ -168,6 +168,10 @@ def test_rescaling_to_target_mpp(tiny_icpr, tmp_path):
             assert any(np.all(shifted[:2] >= w[:2] - 1e-4) and np.all(shifted[2:] <= w[2:] + 1e-4)
                        for w in want)
     assert max(r["origin"].max() for r in recs) < 160  # the 320 px image became 160 px
+    # Runs trained on these shards record their pixel size, so detect can match it.
+    manifest = pipeline.load_manifest(out)
+    assert pipeline.data_mpp_identity(manifest) == {"data_mpp": 0.5}
+    assert pipeline.data_mpp_identity({"parameters": {"target_mpp": None}}) == {}
 
 
 def test_invalid_config_is_refused(tiny_icpr, tmp_path):

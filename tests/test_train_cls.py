@@ -45,6 +45,8 @@ def test_tiny_preset_separates_mitoses_from_look_alikes(cls_shards, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["last"]["epoch"] == 4
     assert (tmp_path / "run" / "best.keras").is_file()
+    # Shards kept the images' own pixel size: the run records none (detect will not rescale).
+    assert "data_mpp" not in json.loads((tmp_path / "run" / "run.json").read_text())
 
 
 def test_bad_inputs_exit_2(cls_shards, tmp_path):

@@ -167,3 +167,29 @@ def test_two_workers_with_tf_config(small_shards, tmp_path):
     assert saved["train"]["precision"] == "mixed_bfloat16"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert np.isfinite(metrics["last"]["loss_total"])
+
+
+def test_both_trainers_record_the_pixel_size_of_rescaled_shards(tmp_path, monkeypatch):
+    """A run on shards prepared with --target-mpp records it (run.json's data_mpp), which
+    detect, mine and export read; the training itself is stubbed out here."""
+    from conftest import write_tiny_icpr
+
+    from focas_keras.inference.cascade import run_data_mpp
+    from focas_keras.models.mclass_config import preset as cls_preset
+    from focas_keras.training import cls_trainer, det_trainer
+    from focas_keras.training.run_dir import claim_run_dir
+
+    write_tiny_icpr(tmp_path / "tiny")
+    prepare(read_dataset("icpr2012", tmp_path / "tiny"), tmp_path / "half",
+            PrepareConfig(tile_size=64, patch_size=32, val_slides=("A02",), target_mpp=0.5))
+
+    def claim_only(spec, run_dir, devices, log):  # what run_training does first
+        claim_run_dir(run_dir, spec.identity)
+        return {}
+
+    monkeypatch.setattr(det_trainer, "run_training", claim_only)
+    monkeypatch.setattr(cls_trainer, "run_training", claim_only)
+    det_trainer.train_det(tmp_path / "half", tmp_path / "det", preset("tiny").override(
+        input_size=64))
+    cls_trainer.train_cls(tmp_path / "half", tmp_path / "cls", cls_preset("tiny"))
+    assert run_data_mpp(tmp_path / "det") == 0.5 and run_data_mpp(tmp_path / "cls") == 0.5

@@ -59,6 +59,13 @@ def verify_for_training(shard_dir, manifest: dict, kind: str) -> tuple[bool, lis
     return has_val, [e["sha256"] for e in manifest["shards"] if e["kind"] == kind]
 
 
+def data_mpp_identity(manifest: dict) -> dict:
+    """``{"data_mpp": um/px}`` when the shards were rescaled (``prepare --target-mpp``), else
+    ``{}``: merged into a run's identity, so detection knows each model's pixel size."""
+    target = manifest.get("parameters", {}).get("target_mpp")
+    return {} if target is None else {"data_mpp": float(target)}
+
+
 def verify_shards(shard_dir, entries) -> None:
     """Checks that every shard exists with the size and sha256 the manifest records.
 

@@ -21,7 +21,7 @@ def patch_size_study(cascade, image_paths, truth_points: dict, sizes=PAPER_SIZES
             decides acceptance for every size).
         image_paths: images; their stems must be keys of ``truth_points``.
         truth_points: image id -> (G, 2) ground-truth centroids in input pixels.
-        sizes: crop sides (px, in model pixels).
+        sizes: crop sides (px, in Mclass's pixels).
         radius_px: one-to-one match radius.
 
     Returns:
@@ -30,10 +30,11 @@ def patch_size_study(cascade, image_paths, truth_points: dict, sizes=PAPER_SIZES
     totals = {size: Counts() for size in sizes}
     for path in image_paths:
         gt = np.asarray(truth_points.get(path.stem, np.zeros((0, 2))), np.float64)
-        resized, sx, sy = cascade.model_image(load_image(path))
-        boxes, _ = cascade._stage1_model(resized)
-        centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0
-        centres_input = centres / np.array([sx, sy])
+        image = load_image(path)
+        boxes, _ = cascade.stage1(image)
+        resized, sx, sy = cascade.model_image(image, "cls")
+        centres_input = (np.asarray(boxes, np.float64)[:, :2] + boxes[:, 2:]) / 2.0
+        centres = centres_input * np.array([sx, sy])
         for size in sizes:
             scores = (cascade._classify(crop_patches(resized, centres, size))
                       if len(centres) else np.zeros((0,)))

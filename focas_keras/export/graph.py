@@ -26,8 +26,10 @@ The arithmetic is the same, not bit for bit the same (TensorFlow fuses the expor
 differently, Mclass sees other batches): scores differ by ~1e-6, which can swap near-ties.
 :mod:`focas_keras.export.compare` says which differences that explains.
 
-Images must be at the models' pixel size (the export does not rescale; ``--model-mpp`` of
-``detect`` has no counterpart here).
+Images must be at Mclass's pixel size. Where Mdet was trained at a coarser one (``det_scale``
+< 1, e.g. 0.5 for stage 1 at half resolution), the graph shrinks each image for stage 1 with
+the same ops as the Python cascade (:mod:`focas_keras.inference.resize`) and maps the boxes
+back; stage 2 crops the full-resolution image. The export never enlarges images.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import math
 import tensorflow as tf
 
 from focas_keras.errors import InputError
+from focas_keras.inference.resize import graph_scaled_size, shrink
 from focas_keras.models.mclass import resize_patches
 from focas_keras.models.mdet import INPUT_MULTIPLE, detect_batch
 
@@ -69,6 +72,7 @@ class GraphSettings:
         merge_px: the accepted-point merge radius (0: off).
         max_detections: D, the candidates kept per image (best stage-1 scores first).
         max_pixels: the largest image (height x width) a request may send.
+        det_scale: Mdet pixels per input pixel, in (0, 1] (1: stage 1 on the image as sent).
     """
 
     tile: int
@@ -81,26 +85,32 @@ class GraphSettings:
     merge_px: float
     max_detections: int = 300
     max_pixels: int = 25_000_000
+    det_scale: float = 1.0
 
     def __post_init__(self):
         ok = (self.tile > 0 and self.tile % INPUT_MULTIPLE == 0 and 0 <= self.overlap < self.tile
               and self.tile_batch >= 1 and self.patch >= 1 and self.max_detections >= 1
-              and self.max_pixels >= 1 and self.merge_px >= 0)
+              and self.max_pixels >= 1 and self.merge_px >= 0 and 0 < self.det_scale <= 1)
         if not ok:
             raise InputError(f"invalid export settings {self}: tile must be a positive multiple "
                              f"of {INPUT_MULTIPLE}, overlap below it, batches, patch, max "
-                             "detections and max pixels >= 1")
+                             "detections and max pixels >= 1, det scale in (0, 1]")
 
     @classmethod
     def from_cascade(cls, cascade, max_detections: int = 300,
                      max_pixels: int = 25_000_000) -> "GraphSettings":
-        """The settings of a tiled :class:`Cascade` without rescaling (``scale == 1``)."""
+        """The settings of a tiled :class:`Cascade` whose Mclass runs on the images as sent
+        and whose Mdet runs on them as sent or shrunk (``cls_scale == 1``, ``det_scale <= 1``).
+        """
         s = cascade.settings
         if s.tile <= 0:
             raise InputError("the export runs stage 1 in tiles: give a tile size (e.g. 512)")
-        if s.scale != 1.0:
-            raise InputError("the export does not rescale images: export without a model "
-                             "pixel size and send images at the models' resolution")
+        if cascade.cls_scale != 1.0 or cascade.det_scale > 1.0:
+            raise InputError(
+                f"the export takes images at Mclass's pixel size and can only shrink them for "
+                f"Mdet; here the images are at {s.mpp:g} um/px, Mdet runs at "
+                f"{cascade.det_mpp:g} and Mclass at {cascade.cls_mpp:g} um/px (set --mpp to "
+                "Mclass's)")
         if not (isinstance(max_detections, int) and max_detections >= 1):
             raise InputError(f"max detections must be an integer >= 1, got {max_detections!r}")
         if not (isinstance(max_pixels, int) and max_pixels >= 1):
@@ -109,7 +119,7 @@ class GraphSettings:
                    det_threshold=float(cascade.det_threshold), nms_iou=float(cascade.nms_iou),
                    cls_threshold=float(cascade.cls_threshold), patch=int(cascade.patch),
                    merge_px=float(s.merge_px), max_detections=int(max_detections),
-                   max_pixels=int(max_pixels))
+                   max_pixels=int(max_pixels), det_scale=float(cascade.det_scale))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -395,8 +405,23 @@ class TiledStage1:
         return tuple(a.concat() for a in arrays)
 
     def stage1(self, image):
-        """uint8 [H, W, 3] -> (boxes float32 [N, 4] x1 y1 x2 y2, scores [N]), N <= D, best
-        first: ``Cascade._stage1_model`` capped at ``max_detections``."""
+        """uint8 [H, W, 3] -> (boxes float64 [N, 4] x1 y1 x2 y2 input pixels, scores float32
+        [N]), N <= D, best first: ``Cascade._stage1_model`` capped at ``max_detections`` on
+        the image shrunk by ``det_scale``, boxes divided by the exact factors as in
+        ``Cascade.run``."""
+        scale = self.settings.det_scale
+        if scale == 1.0:
+            boxes, scores = self._stage1_tiled(image)
+            return tf.cast(boxes, tf.float64), scores
+        shape = tf.shape(image)
+        height, width = graph_scaled_size(shape[0], shape[1], scale)
+        boxes, scores = self._stage1_tiled(shrink(image, height, width))
+        sx = tf.cast(width, tf.float64) / tf.cast(shape[1], tf.float64)
+        sy = tf.cast(height, tf.float64) / tf.cast(shape[0], tf.float64)
+        return tf.cast(boxes, tf.float64) / tf.stack([sx, sy, sx, sy]), scores
+
+    def _stage1_tiled(self, image):
+        """Stage 1 in Mdet's pixels: boxes float32 [N, 4], scores [N]."""
         s = self.settings
         tile = s.tile
         shape = tf.shape(image)
@@ -458,8 +483,8 @@ class CascadeGraph(ServingModule):
         """Both stages on one uint8 [H, W, 3] image; a dict of the D-row outputs."""
         s = self._settings
         d = s.max_detections
-        boxes, det_scores = self._stage1.function(image)
-        wide = tf.cast(boxes, tf.float64)
+        wide, det_scores = self._stage1.function(image)
+        boxes = tf.cast(wide, tf.float32)
         centres = (wide[:, :2] + wide[:, 2:]) / 2.0
         cls_scores = self.classify(crop_patches(image, centres, s.patch))
         accepted = merge_points(centres, cls_scores,
@@ -495,6 +520,7 @@ class MdetGraph(ServingModule):
     def detect_candidates(self, image):
         d = self._settings.max_detections
         boxes, scores = self._stage1.function(image)
+        boxes = tf.cast(boxes, tf.float32)
         return {"detection_boxes": _pad_rows(tf.gather(boxes, [1, 0, 3, 2], axis=1), d),
                 "detection_scores": _pad_rows(scores, d),
                 "num_detections": tf.shape(boxes)[0]}

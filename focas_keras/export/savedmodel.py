@@ -15,6 +15,7 @@ all three reproduce the Python cascade on a sample image, so a failed export lea
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -300,7 +301,7 @@ def export(cascade, base, name: str = "focasnet", det_name: str = "mdet",
         raise InputError("export base exists and is not a directory", base)
     chosen = choose_version(base, names.values(), version)
     if sample is None:
-        sample = default_sample(settings.tile)
+        sample = default_sample(int(math.ceil(settings.tile / settings.det_scale)))
     sample = np.asarray(sample)
     if sample.dtype != np.uint8 or sample.ndim != 3 or sample.shape[2] != 3 or not sample.size:
         raise InputError(f"the sample must be a uint8 RGB image, got {sample.dtype} "
@@ -404,6 +405,7 @@ def format_summary(result: dict) -> str:
     lines.append(f"  tile {s.tile} overlap {s.overlap}, stage-1 threshold {s.det_threshold:g}, "
                  f"NMS IoU {s.nms_iou:g}, patch {s.patch}, stage-2 threshold "
                  f"{s.cls_threshold:g}, merge {s.merge_px:g} px, at most {s.max_detections} "
-                 f"detections, images up to {s.max_pixels} px")
+                 f"detections, images up to {s.max_pixels} px"
+                 + ("" if s.det_scale == 1.0 else f", stage 1 on images shrunk by {s.det_scale:g}"))
     return "\n".join(lines)
 

@@ -4,8 +4,11 @@ Stage 1 runs Mdet on the whole image or on overlapping tiles. Each tile *owns* t
 up to the middle of its overlaps with its neighbours and keeps only those detections, so an
 object no larger than the overlap is taken from a tile holding it whole, never as a copy cut by
 a tile edge; class-agnostic NMS in image coordinates then merges whatever still overlaps.
-Stage 2 scores a reflect-padded crop around each candidate centre. With ``model_mpp`` set, both
-stages run on the image resized by ``mpp / model_mpp``; boxes come back in input pixels.
+Stage 2 scores a reflect-padded crop around each candidate centre. Each stage runs at its own
+pixel size (``det_mpp``, ``cls_mpp``; by default the one its training run's shards were prepared
+at): the image is resized by ``mpp / stage mpp`` for that stage, and boxes come back in input
+pixels. Stage 1 at half resolution (``prepare --target-mpp 0.4912`` for Mdet's shards) costs
+about a quarter of the FLOPs, while stage 2 still sees full-resolution crops.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import json
 import math
 from pathlib import Path
 
-import cv2
 import keras
 import numpy as np
 import pandas as pd
@@ -24,6 +26,7 @@ import tensorflow as tf
 from data_tools import sampling
 from data_tools.annotations import ICPR2012_MPP, IMAGE_EXTENSIONS
 from focas_keras.errors import InputError
+from focas_keras.inference.resize import resize_by
 from focas_keras.models.mclass import predict_proba
 from focas_keras.models.mclass_config import MclassConfig
 from focas_keras.models.mdet import INPUT_MULTIPLE, Detector, load_mdet_run
@@ -38,11 +41,14 @@ class CascadeSettings:
 
     Attributes:
         mpp: pixel size of the input images (um/px).
-        model_mpp: pixel size the models were trained at; None: the same as ``mpp``. When it
-            differs, images are resized by ``mpp / model_mpp`` for both stages and the results
-            are mapped back to input pixels.
+        model_mpp: pixel size both models were trained at, where a stage has no ``det_mpp`` /
+            ``cls_mpp`` of its own; None: each stage's run decides (the ``--target-mpp`` its
+            shards were prepared at), else the same as ``mpp`` (no rescaling).
+        det_mpp: pixel size Mdet runs at (overrides ``model_mpp`` and the det run).
+        cls_mpp: pixel size Mclass's crops are taken at (overrides ``model_mpp`` and the cls
+            run).
         tile: 0 runs Mdet on the whole image at once; otherwise the tile side (px, a multiple
-            of 32), in model pixels.
+            of 32), in Mdet's pixels.
         overlap: overlap of neighbouring tiles (px, < ``tile``); objects up to this size are
             always seen whole by some tile.
         tile_batch: tiles per Mdet forward pass.
@@ -51,7 +57,7 @@ class CascadeSettings:
         cls_threshold: stage-2 acceptance threshold (``cls_score >= cls_threshold``); None: the
             cls run's validation-best threshold (see :func:`run_cls_threshold`), but not below
             :data:`MIN_AUTO_CLS_THRESHOLD`.
-        patch: side (px, model pixels) of the crop around each candidate centre, resized to the
+        patch: side (px, Mclass's pixels) of the crop around each candidate centre, resized to the
             Mclass input; None: the cls run's ``crop_size`` (112, as in the paper).
         cls_batch: crops per Mclass forward pass.
         nms_iou: IoU of the class-agnostic NMS in image coordinates; None: the det run's
@@ -65,6 +71,8 @@ class CascadeSettings:
 
     mpp: float = ICPR2012_MPP
     model_mpp: float | None = None
+    det_mpp: float | None = None
+    cls_mpp: float | None = None
     tile: int = 0
     overlap: int = 64
     tile_batch: int = 8
@@ -86,6 +94,8 @@ class CascadeSettings:
         rules = [  # (name, value, may be None, valid, what it must be)
             ("mpp", self.mpp, False, number(self.mpp, open_low=True), "> 0"),
             ("model mpp", self.model_mpp, True, number(self.model_mpp, open_low=True), "> 0"),
+            ("det mpp", self.det_mpp, True, number(self.det_mpp, open_low=True), "> 0"),
+            ("cls mpp", self.cls_mpp, True, number(self.cls_mpp, open_low=True), "> 0"),
             ("tile", self.tile, False, integer(self.tile) and self.tile % INPUT_MULTIPLE == 0,
              f"0 (whole image) or a positive multiple of {INPUT_MULTIPLE}"),
             ("overlap", self.overlap, False,
@@ -106,10 +116,14 @@ class CascadeSettings:
             if not (valid or (optional and value is None)):
                 raise InputError(f"{name} must be {rule}, got {value!r}")
 
-    @property
-    def scale(self) -> float:
-        """Model pixels per input pixel (``mpp / model_mpp``; 1 without rescaling)."""
-        return 1.0 if self.model_mpp is None else float(self.mpp) / float(self.model_mpp)
+    def stage_mpp(self, stage: str, run_mpp: float | None = None) -> float:
+        """Pixel size ``stage`` (``det`` or ``cls``) runs at: its own setting, else
+        ``model_mpp``, else ``run_mpp`` (what its training run recorded), else ``mpp``."""
+        own = {"det": self.det_mpp, "cls": self.cls_mpp}[stage]
+        for value in (own, self.model_mpp, run_mpp):
+            if value is not None:
+                return float(value)
+        return float(self.mpp)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -205,6 +219,20 @@ def run_det_threshold(det_run, which: str = "best", default: float = 0.0) -> flo
     return run_metric(det_run, "val_recall_threshold", which, default)
 
 
+def run_data_mpp(run_dir) -> float | None:
+    """The pixel size (um/px) a training run's shards were rescaled to (``prepare
+    --target-mpp``), from its ``run.json``; None when they kept the images' own."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return None
+    value = _read_json(path).get("data_mpp")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InputError(f"data_mpp must be a positive number, got {value!r}", path)
+    return float(value)
+
+
 def _pick_checkpoint(run_dir: Path, which: str) -> str:
     if which not in ("best", "model"):
         raise InputError(f"checkpoint must be 'best' or 'model', got {which!r}")
@@ -225,17 +253,25 @@ class Cascade:
         det_threshold_default: the candidate threshold when ``settings.det_threshold`` is None
             (e.g. the run's :func:`run_det_threshold`); never below the config's
             ``inference.score_threshold``, which is used when this is None.
+        det_mpp_default, cls_mpp_default: the pixel size each model was trained at (e.g. its
+            run's :func:`run_data_mpp`), used where the settings name none.
 
     Attributes:
         det_threshold, cls_threshold, nms_iou, patch: the resolved settings in use.
+        det_mpp, cls_mpp: the resolved pixel size of each stage (um/px).
+        det_scale, cls_scale: each stage's pixels per input pixel (``mpp / stage mpp``).
     """
 
     def __init__(self, det_model, det_config, cls_model, cls_config: MclassConfig,
                  settings: CascadeSettings = CascadeSettings(), cls_threshold_default=0.5,
-                 det_threshold_default=None):
+                 det_threshold_default=None, det_mpp_default=None, cls_mpp_default=None):
         self.det_model, self.det_config = det_model, det_config
         self.cls_model, self.cls_config = cls_model, cls_config
         self.settings = settings
+        self.det_mpp = settings.stage_mpp("det", det_mpp_default)
+        self.cls_mpp = settings.stage_mpp("cls", cls_mpp_default)
+        self.det_scale = float(settings.mpp) / self.det_mpp
+        self.cls_scale = float(settings.mpp) / self.cls_mpp
         inference, s = det_config.inference, settings
         if s.det_threshold is not None:
             self.det_threshold = float(s.det_threshold)
@@ -277,7 +313,8 @@ class Cascade:
             raise InputError(f"cannot load the model ({err})", model_path) from None
         return cls(det_model, det_config, cls_model, cls_config, settings,
                    max(MIN_AUTO_CLS_THRESHOLD, run_cls_threshold(cls_run, cls_which)),
-                   run_det_threshold(det_run, _pick_checkpoint(det_run, which)))
+                   run_det_threshold(det_run, _pick_checkpoint(det_run, which)),
+                   run_data_mpp(det_run), run_data_mpp(cls_run))
 
     # ------------------------------------------------------------------ overridable models
 
@@ -297,23 +334,18 @@ class Cascade:
 
     # ------------------------------------------------------------------ stages
 
-    def model_image(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """The image in model pixels and the (x, y) scale factors from input pixels."""
+    def model_image(self, image: np.ndarray, stage: str = "cls"
+                    ) -> tuple[np.ndarray, float, float]:
+        """The image in ``stage``'s pixels (``det`` or ``cls``) and the (x, y) scale factors
+        from input pixels."""
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or not image.size:
             raise ValueError(f"expected a uint8 RGB (H, W, 3) image, got {image.dtype} "
                              f"{image.shape}")
-        factor = self.settings.scale
-        if factor == 1.0:
-            return image, 1.0, 1.0
-        height, width = image.shape[:2]
-        size = (max(1, int(round(width * factor))), max(1, int(round(height * factor))))
-        interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-        resized = cv2.resize(image, size, interpolation=interp)
-        return resized, size[0] / width, size[1] / height
+        return resize_by(image, self.det_scale if stage == "det" else self.cls_scale)
 
     def _stage1_model(self, image: np.ndarray):
-        """Stage 1 on an image already in model pixels; boxes in those pixels."""
+        """Stage 1 on an image already in Mdet's pixels; boxes in those pixels."""
         height, width = image.shape[:2]
         tile = self.settings.tile
         found = []
@@ -357,7 +389,7 @@ class Cascade:
         return boxes[order], scores[order]
 
     def _stage2_model(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """Stage 2 on an image and boxes in model pixels."""
+        """Stage 2 on an image and boxes in Mclass's pixels."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0
         scores = [np.zeros((0,), np.float32)]
@@ -374,13 +406,13 @@ class Cascade:
             (boxes float32 (D, 4) x1, y1, x2, y2 input pixels, det_scores float32 (D,)), best
             first, after the threshold and class-agnostic NMS.
         """
-        resized, sx, sy = self.model_image(image)
+        resized, sx, sy = self.model_image(image, "det")
         boxes, scores = self._stage1_model(resized)
         return boxes / np.array([sx, sy, sx, sy], np.float32), scores
 
     def stage2(self, image: np.ndarray, boxes) -> np.ndarray:
         """Mclass scores (float32 (D,)) of candidate boxes given in input pixels."""
-        resized, sx, sy = self.model_image(image)
+        resized, sx, sy = self.model_image(image, "cls")
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
         return self._stage2_model(resized, boxes)
 
@@ -392,10 +424,16 @@ class Cascade:
             pixels), ``accepted`` = ``cls_score >= cls_threshold``; sorted by det_score, best
             first.
         """
-        resized, sx, sy = self.model_image(image)
-        boxes, det_scores = self._stage1_model(resized)
-        cls_scores = self._stage2_model(resized, boxes)
-        boxes = boxes.astype(np.float64) / np.array([sx, sy, sx, sy])
+        det_image, sx, sy = self.model_image(image, "det")
+        boxes, det_scores = self._stage1_model(det_image)
+        det_to_input = np.array([sx, sy, sx, sy])
+        if self.cls_scale == self.det_scale:  # one resized image serves both stages
+            cls_scores = self._stage2_model(det_image, boxes)
+        else:
+            cls_image, cx, cy = self.model_image(image, "cls")
+            cls_scores = self._stage2_model(
+                cls_image, boxes.astype(np.float64) / det_to_input * np.array([cx, cy, cx, cy]))
+        boxes = boxes.astype(np.float64) / det_to_input
         order = np.argsort(-det_scores, kind="stable")
         boxes, det_scores, cls_scores = boxes[order], det_scores[order], cls_scores[order]
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0

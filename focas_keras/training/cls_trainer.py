@@ -152,7 +152,8 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
     spec = LoopSpec(
         identity={"kind": "mclass", "config": config.to_dict(), "data": str(data_dir.resolve()),
                   "data_shards": digests,
-                  "init_weights": None if init_weights is None else str(init_weights)},
+                  "init_weights": None if init_weights is None else str(init_weights),
+                  **pipeline.data_mpp_identity(manifest)},
         config_json=config.to_json(), train=t, steps_per_epoch=steps, build_model=build,
         losses=losses, train_dataset=train_dataset,
         validate=(lambda model: validate(model, data_dir, 256, size)) if has_val else None,

@@ -117,7 +117,7 @@ def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) ->
 
     spec = LoopSpec(
         identity={"kind": "mdet", "config": config.to_dict(), "data": str(data_dir.resolve()),
-                  "data_shards": digests},
+                  "data_shards": digests, **pipeline.data_mpp_identity(manifest)},
         config_json=config.to_json(), train=t, steps_per_epoch=steps,
         build_model=lambda: build_mdet(config), losses=losses, train_dataset=train_dataset,
         validate=make_validator(config, data_dir, t.batch_size) if has_val else None,
