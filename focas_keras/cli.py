@@ -383,7 +383,8 @@ def _cascade_options(command):
 @click.option("--cls-mpp", type=float, default=None,
               help="Pixel size of Mclass's crops (default: --model-mpp, else its run's).")
 @click.option("--tile", type=int, default=0, show_default=True,
-              help="Run Mdet in tiles of this side (px, multiple of 32); 0 = whole image.")
+              help="Run Mdet in tiles of this side (px, multiple of 32, in Mdet's pixels); "
+                   "0 = whole image.")
 @_cascade_options
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay images.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")

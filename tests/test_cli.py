@@ -79,3 +79,6 @@ def test_bad_values_exit_2(tiny_icpr, tmp_path):
     proc = _run("prepare", "--format", "icpr2012", str(tmp_path / "none"), "--out",
                 str(tmp_path / "o"))
     _assert_user_error(proc, "dataset directory not found")
+    proc = _run("detect", str(root), "--det", str(tmp_path / "d"), "--cls", str(tmp_path / "c"),
+                "--out", str(tmp_path / "o"), "--det-mpp", "0")
+    _assert_user_error(proc, "det mpp must be > 0")
