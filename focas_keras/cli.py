@@ -505,16 +505,41 @@ def predict(inputs, server, rest, out, model, version, mpp, timeout, no_overlays
                f"(server {server or rest}, model {model}); results in {out}")
 
 
+def _scoring_options(truth_help: str, pred_help: str):
+    """``--truth``, ``--format``, ``--pred``, ``--radius-px``, ``--radius-um``: what
+    ``evaluate`` and ``calibrate`` both read (see :func:`_read_scoring_inputs`)."""
+    options = [
+        click.option("--truth", required=True, type=click.Path(), help=truth_help),
+        click.option("--format", "fmt", default=None,
+                     type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]),
+                     help="Dataset format of --truth (omit for a centroid CSV)."),
+        click.option("--pred", required=True, type=click.Path(), help=pred_help),
+        click.option("--radius-px", type=float, default=None,
+                     help="Match radius in px (default 20)."),
+        click.option("--radius-um", type=float, default=None,
+                     help="Match radius in um (converted with the truth's pixel size)."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _read_scoring_inputs(truth, fmt, pred, radius_px, radius_um):
+    """(ground truth, predictions table, match radius in px) from the options above."""
+    from focas_keras.evaluation import evaluate as ev
+
+    gt = ev.read_truth(truth, fmt)
+    preds = ev.read_predictions(pred)
+    return gt, preds, ev.radius_from(radius_px, radius_um, ev.truth_mpp(gt))
+
+
 @main.command()
-@click.option("--truth", required=True, type=click.Path(),
-              help="Ground truth: a centroid CSV (image,x,y) or a dataset (with --format).")
-@click.option("--format", "fmt", default=None,
-              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]),
-              help="Dataset format of --truth (omit for a centroid CSV).")
-@click.option("--pred", required=True, type=click.Path(), help="detections.csv from `detect`.")
-@click.option("--radius-px", type=float, default=None, help="Match radius in px (default 20).")
-@click.option("--radius-um", type=float, default=None,
-              help="Match radius in um (converted with the truth's pixel size).")
+@_scoring_options("Ground truth: a centroid CSV (image,x,y) or a dataset (with --format).",
+                  "detections.csv from `detect`.")
 @click.option("--matching", type=click.Choice(["one_to_one", "nearest"]), default="one_to_one",
               show_default=True,
               help="one_to_one: the contest rule. nearest: the published FoCasNet code's rule "
@@ -533,9 +558,7 @@ def evaluate(truth, fmt, pred, radius_px, radius_um, matching, score, threshold,
 
     from focas_keras.evaluation import evaluate as ev
 
-    gt = ev.read_truth(truth, fmt)
-    preds = ev.read_predictions(pred)
-    radius = ev.radius_from(radius_px, radius_um, ev.truth_mpp(gt))
+    gt, preds, radius = _read_scoring_inputs(truth, fmt, pred, radius_px, radius_um)
     result = ev.evaluate(gt, preds, radius, score=score, matching=matching,
                          accepted_only=threshold is None, threshold=threshold)
     if sweep_png:
@@ -563,17 +586,9 @@ def evaluate(truth, fmt, pred, radius_px, radius_um, matching, score, threshold,
 
 
 @main.command()
-@click.option("--truth", required=True, type=click.Path(),
-              help="Ground truth of the validation fields: a centroid CSV or a dataset.")
-@click.option("--format", "fmt", default=None,
-              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]),
-              help="Dataset format of --truth (omit for a centroid CSV).")
-@click.option("--pred", required=True, type=click.Path(),
-              help="detections.csv of `detect --det-threshold 0.05 --cls-threshold 0` on the "
-                   "validation fields.")
-@click.option("--radius-px", type=float, default=None, help="Match radius in px (default 20).")
-@click.option("--radius-um", type=float, default=None,
-              help="Match radius in um (converted with the truth's pixel size).")
+@_scoring_options("Ground truth of the validation fields: a centroid CSV or a dataset.",
+                  "detections.csv of `detect --det-threshold 0.05 --cls-threshold 0` on the "
+                  "validation fields.")
 @click.option("--merge-px", type=float, default=30.0, show_default=True,
               help="The merge radius detect will use.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -586,12 +601,9 @@ def calibrate(truth, fmt, pred, radius_px, radius_um, merge_px, as_json):
     import json
     from pathlib import Path
 
-    from focas_keras.evaluation import evaluate as ev
     from focas_keras.evaluation.calibrate import calibrate_cascade, calibrate_stage1
 
-    gt = ev.read_truth(truth, fmt)
-    preds = ev.read_predictions(pred)
-    radius = ev.radius_from(radius_px, radius_um, ev.truth_mpp(gt))
+    gt, preds, radius = _read_scoring_inputs(truth, fmt, pred, radius_px, radius_um)
     points = gt.points
     counts = Path(pred).parent / "counts.csv"
     if counts.is_file():
