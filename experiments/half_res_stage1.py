@@ -36,21 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from icpr2012_cv import (DEFAULT_DATA, IMAGE_SUFFIXES, SRC, _cli, make_folds,  # noqa: E402
-                         pool, slides_of)
+                         pool, select, slides_of)
 
 HALF_MPP = 0.4912
 VARIANTS = ("full", "half")
 KEEP = ("tp", "fp", "fn", "precision", "recall", "f1")
-
-
-def apply_pair(preds, det_threshold: float, cls_threshold: float, merge_px: float):
-    """The cascade's output for a threshold pair, from a permissive detections table: rows
-    with det_score >= det_threshold and cls_score >= cls_threshold, then the 30 px merge ranked
-    by cls_score (greedy suppression survivors are prefix-stable, so this equals rerunning)."""
-    from focas_keras.evaluation.calibrate import merged
-
-    rows = preds[(preds["det_score"] >= det_threshold) & (preds["cls_score"] >= cls_threshold)]
-    return merged(rows, "cls_score", merge_px)
 
 
 def stage1_ceiling(truth, preds, radius: float = 20.0) -> int:
@@ -112,15 +102,15 @@ def run_fold(fold: dict, args, work: Path, results: Path) -> dict:
         cal = json.loads(_cli(["calibrate", "--truth", fold_dir / "val", "--format", "icpr2012",
                                "--pred", fold_dir / f"det_{variant}_val" / "detections.csv",
                                "--json"], log, env))
-        pair = cal["cascade"]
-        cascade = ev.evaluate(truth["test"], apply_pair(preds["test"], pair["det_threshold"],
-                                                        pair["cls_threshold"], args.merge_px),
+        # The pair applied to the permissive table equals rerunning detect with it: NMS and
+        # merge survivors are prefix-stable (see focas_keras.evaluation.calibrate).
+        pair, test = cal["cascade"], preds["test"]
+        candidates = test[test["det_score"] >= pair["det_threshold"]]
+        cascade = ev.evaluate(truth["test"], select(candidates, "cascade", pair["cls_threshold"],
+                                                    args.merge_px),
                               20.0, score="cls", accepted_only=False)
-        from focas_keras.evaluation.calibrate import merged
-
         t1 = cal["stage1"]["det_threshold"]
-        above = preds["test"][preds["test"]["det_score"] >= t1]
-        stage1 = ev.evaluate(truth["test"], merged(above, "det_score", args.merge_px), 20.0,
+        stage1 = ev.evaluate(truth["test"], select(test, "stage1", t1, args.merge_px), 20.0,
                              score="det", accepted_only=False)
         result[variant] = {
             "cascade": {k: cascade[k] for k in KEEP}, "stage1_merged": {k: stage1[k] for k in KEEP},
