@@ -31,6 +31,11 @@ class PrepareConfig:
         det_tiles_per_mitosis: det tiles cut around each mitosis at random offsets
             (oversampling of tiles with mitoses).
         det_empty_share: share of det tiles that hold no mitosis (0 <= share < 1).
+        det_grid: also cut a grid of tiles covering every training field whole
+            (:func:`~data_tools.sampling.grid_origins`), so that each epoch shows Mdet all the
+            tissue it will meet at test time, not only the surroundings of mitoses.
+        val_fields: also store every validation field whole (``field`` records), for
+            selecting models and thresholds on whole fields (``train-det``, ``mine``).
         det_margin: a mitosis centre lies at least this many px inside its tile.
         min_visible: a box cut by a tile border is kept if this share of it is visible.
         patch_size: cls patch side, px.
@@ -52,6 +57,8 @@ class PrepareConfig:
     tile_size: int = 224
     det_tiles_per_mitosis: int = 4
     det_empty_share: float = 0.3
+    det_grid: bool = False
+    val_fields: bool = False
     det_margin: int = 16
     min_visible: float = 0.5
     patch_size: int = 64
@@ -138,8 +145,9 @@ def _rescale(image, objects, factor):
     return image, objects
 
 
-def det_samples(image, mitoses, config: PrepareConfig, rng):
-    """Det tiles of one image: oversampled tiles around mitoses plus some empty tiles.
+def det_samples(image, mitoses, config: PrepareConfig, rng, grid: bool = False):
+    """Det tiles of one image: oversampled tiles around mitoses plus some empty tiles, and
+    with ``grid`` a grid of tiles covering the whole image.
 
     Args:
         image: uint8 (H, W, 3).
@@ -166,6 +174,8 @@ def det_samples(image, mitoses, config: PrepareConfig, rng):
         origin = sampling.random_empty_tile(boxes, size, width, height, rng)
         if origin is not None:
             origins.append(origin)
+    if grid:
+        origins += sampling.grid_origins(width, height, size)
     return [(sampling.crop(image, x0, y0, size), (x0, y0),
              sampling.boxes_in_tile(boxes, x0, y0, size, config.min_visible))
             for x0, y0 in origins]
@@ -224,13 +234,17 @@ def prepare(aset: AnnotationSet, out_dir, config: PrepareConfig = PrepareConfig(
     splits = split_slides(aset.images.slide_id, config)
     max_bytes = int(config.shard_mb * (1 << 20))
     counts = {s: {"images": [], "slides": splits[s],
-                  "det": {"records": 0, "boxes": 0, "tiles_with_mitoses": 0, "empty_tiles": 0},
+                  "det": {"records": 0, "boxes": 0, "tiles_with_mitoses": 0, "empty_tiles": 0,
+                          "grid_tiles": 0},
+                  "field": {"records": 0, "mitoses": 0},
                   "cls": {"records": 0, "positive": 0, "negative": 0, MITOSIS: 0,
                           "background": 0, HARD_NEGATIVE: 0}} for s in (TRAIN, VAL)}
     split_of = {slide: s for s in (TRAIN, VAL) for slide in splits[s]}
     with atomic_output_dir(out_dir, overwrite) as tmp:
         writers = {(kind, s): ShardWriter(tmp, kind, s, max_bytes)
                    for kind in records.KINDS for s in (TRAIN, VAL)}
+        if config.val_fields:
+            writers[records.FIELD, VAL] = ShardWriter(tmp, records.FIELD, VAL, max_bytes)
         try:
             rows = list(aset.images.itertuples())
             for info in tqdm(rows, desc="prepare", unit="image", disable=not progress):
@@ -242,8 +256,19 @@ def prepare(aset: AnnotationSet, out_dir, config: PrepareConfig = PrepareConfig(
                 factor = 1.0 if config.target_mpp is None else info.mpp / config.target_mpp
                 image, objects = _rescale(image, objects, factor)
                 rng = _image_rng(config.seed, info.image_id)
-                for tile, origin, boxes in det_samples(
-                        image, objects[objects.label == MITOSIS], config, rng):
+                mitoses = objects[objects.label == MITOSIS]
+                grid = config.det_grid and split == TRAIN
+                if grid:
+                    c["det"]["grid_tiles"] += len(sampling.grid_origins(
+                        image.shape[1], image.shape[0], config.tile_size))
+                if config.val_fields and split == VAL:
+                    writers[records.FIELD, VAL].write(records.field_example(
+                        _encode_png(image), info.image_id, info.slide_id,
+                        float(config.target_mpp or info.mpp),
+                        mitoses[["x", "y"]].to_numpy(np.float64)))
+                    c["field"]["records"] += 1
+                    c["field"]["mitoses"] += len(mitoses)
+                for tile, origin, boxes in det_samples(image, mitoses, config, rng, grid):
                     writers[records.DET, split].write(records.det_example(
                         _encode_png(tile), info.image_id, info.slide_id, origin, boxes))
                     c["det"]["records"] += 1

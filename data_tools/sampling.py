@@ -80,6 +80,20 @@ def tile_origin_around(cx: float, cy: float, size: int, width: int, height: int,
     return int(np.floor(x0)), int(np.floor(y0))
 
 
+def grid_origins(width: int, height: int, size: int) -> list[tuple[int, int]]:
+    """Tile origins covering the whole image: every ``size`` px, the last row and column flush
+    with the far border (so they may overlap their neighbours), row by row.
+
+    An image side shorter than ``size`` gets one tile at 0 (reflect-padded by :func:`crop`).
+    """
+    def starts(length):
+        if length <= size:
+            return [0]
+        return list(range(0, length - size, size)) + [length - size]
+
+    return [(x0, y0) for y0 in starts(height) for x0 in starts(width)]
+
+
 def random_empty_tile(boxes: np.ndarray, size: int, width: int, height: int,
                       rng: np.random.Generator, tries: int = 50):
     """A random tile origin whose tile touches none of ``boxes``, or None after ``tries``."""

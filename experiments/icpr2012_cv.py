@@ -18,7 +18,7 @@ skipped (train-det/train-cls resume from their checkpoints on their own).
 
 Usage:
     python experiments/icpr2012_cv.py --preset tiny --det-epochs 6 --cls-epochs 4 \
-        --work /tmp/focas_cv --results experiments/results/icpr2012_cv
+        --work /tmp/focas_cv --results experiments/results/icpr2012_cv_issue7
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA / "images")
     parser.add_argument("--work", type=Path, default=Path("/tmp/focas_cv"))
     parser.add_argument("--results", type=Path,
-                        default=REPO / "experiments" / "results" / "icpr2012_cv")
+                        default=REPO / "experiments" / "results" / "icpr2012_cv_issue7")
     parser.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
     parser.add_argument("--det-epochs", type=int, default=None)
     parser.add_argument("--cls-epochs", type=int, default=None)

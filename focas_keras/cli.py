@@ -41,26 +41,11 @@ class _Group(click.Group):
 
 
 def _import_tensorflow():
-    """Imports TensorFlow with its start-up chatter (CUDA probing, absl) kept off stderr.
+    """TensorFlow, imported quietly (see :func:`focas_keras.tf_import.import_tensorflow`);
+    importing ``focas_keras`` has already done it, so this only documents the dependency."""
+    from focas_keras.tf_import import import_tensorflow
 
-    TensorFlow's C++ side prints those lines at import whatever TF_CPP_MIN_LOG_LEVEL says, and
-    they would bury our one-line errors. Set FOCAS_KERAS_VERBOSE=1 to see them.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" in sys.modules or os.environ.get("FOCAS_KERAS_VERBOSE"):
-        __import__("tensorflow")
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow
-
-            tensorflow.config.list_physical_devices()  # probes CUDA (and complains) once, here
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    import_tensorflow()
 
 
 def _slides(value: str) -> tuple:
@@ -117,6 +102,12 @@ def synth(out, images, size, seed, per_slide, mimics, overwrite):
               help="Det tiles per mitosis (random offsets).")
 @click.option("--det-empty-share", type=float, default=0.3, show_default=True,
               help="Share of det tiles without mitoses.")
+@click.option("--det-grid", is_flag=True,
+              help="Also cut a grid of det tiles covering every training field whole (the "
+                   "whole-field recipe: Mdet sees all tissue each epoch).")
+@click.option("--val-fields", is_flag=True,
+              help="Also store the validation fields whole, so train-det selects its "
+                   "checkpoint and thresholds on whole fields.")
 @click.option("--patch-size", type=int, default=64, show_default=True, help="Cls patch side.")
 @click.option("--cls-per-mitosis", type=int, default=8, show_default=True,
               help="Positive patches per mitosis.")
@@ -132,7 +123,7 @@ def synth(out, images, size, seed, per_slide, mimics, overwrite):
               help="Size bound of one shard (MiB).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def prepare(src, fmt, out, mpp, target_mpp, box_size, coco_bbox, tile_size,
-            det_per_mitosis, det_empty_share, patch_size, cls_per_mitosis, cls_per_hard_negative,
+            det_per_mitosis, det_empty_share, det_grid, val_fields, patch_size, cls_per_mitosis, cls_per_hard_negative,
             cls_background, val_slides, val_fraction, seed, shard_mb, overwrite):
     """Turn a dataset at SRC into TFRecord shards (det tiles, cls patches) + manifest.json."""
     _import_tensorflow()
@@ -142,7 +133,8 @@ def prepare(src, fmt, out, mpp, target_mpp, box_size, coco_bbox, tile_size,
 
     config = PrepareConfig(
         tile_size=tile_size, det_tiles_per_mitosis=det_per_mitosis,
-        det_empty_share=det_empty_share, patch_size=patch_size,
+        det_empty_share=det_empty_share, det_grid=det_grid, val_fields=val_fields,
+        patch_size=patch_size,
         cls_per_mitosis=cls_per_mitosis, cls_per_hard_negative=cls_per_hard_negative,
         cls_background_per_image=cls_background, val_slides=_slides(val_slides),
         val_fraction=val_fraction, seed=seed, target_mpp=target_mpp, shard_mb=shard_mb)
@@ -207,7 +199,8 @@ def _parse_value(text: str):
 @click.option("--data", required=True, type=click.Path(), help="Shards from `prepare`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--preset", default="paper", show_default=True,
-              type=click.Choice(["paper", "tiny"]), help="Named configuration.")
+              type=click.Choice(["paper", "tiny", "cpu"]),
+              help="Named configuration (cpu: sized for a 2-core CPU).")
 @click.option("--head", type=click.Choice(["anchor", "free", "hybrid"]), default=None,
               help="Head branches (default: the preset's, hybrid).")
 @click.option("--no-cbam", is_flag=True, help="Backbone without CBAM.")
@@ -279,7 +272,8 @@ def _report(result: dict, out) -> None:
 @click.option("--data", required=True, type=click.Path(), help="Shards from `prepare`/`mine`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--preset", default="paper", show_default=True,
-              type=click.Choice(["paper", "tiny"]), help="Named configuration.")
+              type=click.Choice(["paper", "tiny", "cpu"]),
+              help="Named configuration (cpu: sized for a 2-core CPU).")
 @click.option("--init-weights", type=click.Path(), default=None,
               help="Local Keras weights file (.weights.h5) of an Mclass or its backbone.")
 @click.option("--depth", type=click.Choice(["18", "34", "50", "101"]), default=None,
@@ -326,17 +320,30 @@ def train_cls(data, out, preset, init_weights, depth, epochs, batch_size, steps_
 @click.option("--keep-tp", is_flag=True, help="Also add true-positive detections as positives.")
 @click.option("--radius", type=float, default=20.0, show_default=True,
               help="A detection farther than this (px) from every mitosis is a false positive.")
-def mine(det_run, source, fmt, shard_dir, score_threshold, keep_tp, radius):
-    """Add Mdet's false positives on the TRAINING images as hard-negative cls patches."""
+@click.option("--include-val", is_flag=True,
+              help="Also add every candidate on the VALIDATION images to the val split (with "
+                   "its stage-1 score), so train-cls selects its checkpoint and thresholds by "
+                   "the cascade's F1 on whole validation fields. Never used for training.")
+@click.option("--max-candidates-per-mm2", type=float, default=2000.0, show_default=True,
+              help="Stage-1 candidates kept per mm2 of image (as detect).")
+def mine(det_run, source, fmt, shard_dir, score_threshold, keep_tp, radius, include_val,
+         max_candidates_per_mm2):
+    """Add Mdet's candidates on the TRAINING images as cls patches: every false positive as a
+    hard negative (and with --keep-tp the rest as positives)."""
     _import_tensorflow()
     from data_tools.mine import mine_hard_negatives
 
     summary = mine_hard_negatives(det_run, source, fmt, shard_dir,
                                   score_threshold=score_threshold, keep_true_positives=keep_tp,
-                                  radius=radius, progress=True)
+                                  radius=radius, progress=True, include_val=include_val,
+                                  per_mm2=max_candidates_per_mm2)
     click.echo(f"mined {summary['false_positives']} hard negatives"
                + (f" and {summary['true_positives']} true positives" if keep_tp else "")
                + f" from {summary['images']} training images into {shard_dir}")
+    if include_val:
+        val = summary["val"]
+        click.echo(f"and {val['records']} candidates ({val['true_positives']} near a mitosis) "
+                   f"from {val['images']} validation images, for selection only")
 
 
 def _cascade_options(command):
@@ -347,12 +354,14 @@ def _cascade_options(command):
         click.option("--tile-batch", type=int, default=8, show_default=True,
                      help="Tiles per batch."),
         click.option("--det-threshold", type=float, default=None,
-                     help="Stage-1 candidate threshold (default: the highest score that keeps "
-                          "the Mdet run's best validation recall, at least its inference "
-                          "threshold 0.05; better: `focas-keras calibrate`)."),
+                     help="Stage-1 candidate threshold (default: the pair the Mclass run chose "
+                          "on whole validation fields, when it was mined with --include-val; "
+                          "else the highest score that keeps the Mdet run's best validation "
+                          "recall, at least its inference threshold 0.05; or use "
+                          "`focas-keras calibrate`)."),
         click.option("--cls-threshold", type=float, default=None,
-                     help="Stage-2 acceptance threshold (default: the Mclass run's best-F1 "
-                          "value, at least 0.5; better: `focas-keras calibrate`)."),
+                     help="Stage-2 acceptance threshold (default: the Mclass run's whole-field "
+                          "pair, as above; else its best-F1 value on patches, at least 0.5)."),
         click.option("--patch", type=int, default=None,
                      help="Crop side around each candidate (default: the Mclass run's, 112)."),
         click.option("--merge-px", type=float, default=30.0, show_default=True,
@@ -368,8 +377,10 @@ def _cascade_options(command):
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--det", "det_run", required=True, type=click.Path(), help="A train-det run.")
-@click.option("--cls", "cls_run", required=True, type=click.Path(), help="A train-cls run.")
+@click.option("--det", "det_run", type=click.Path(), default=None,
+              help="A train-det run (default: the bundled pretrained cascade, with --cls).")
+@click.option("--cls", "cls_run", type=click.Path(), default=None,
+              help="A train-cls run (default: the bundled pretrained cascade, with --det).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory (detections.csv, detections.geojson, counts.csv, "
                    "overlays/).")
@@ -386,32 +397,93 @@ def _cascade_options(command):
               help="Run Mdet in tiles of this side (px, multiple of 32, in Mdet's pixels); "
                    "0 = whole image.")
 @_cascade_options
+@click.option("--max-candidates-per-mm2", type=float, default=2000.0, show_default=True,
+              help="Stage-1 candidate cap per mm^2 of image: each Mdet call (whole image or "
+                   "tile) and each image keeps at most this many per mm^2 of its area, best "
+                   "first (about 524 on a 2084 px field at 0.2456 um/px). detect.json lists "
+                   "the images where the cap bound.")
+@click.option("--tta/--no-tta", default=None,
+              help="Score each crop with Mclass under its 8 rotations/flips and average the "
+                   "probabilities (8x stage-2 cost).")
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay images.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def detect(inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp, tile, overlap,
-           tile_batch, det_threshold, cls_threshold, patch, merge_px, which, no_overlays,
-           overwrite):
+           tile_batch, det_threshold, cls_threshold, patch, merge_px, which,
+           max_candidates_per_mm2, tta, no_overlays, overwrite):
     """Find mitoses in INPUTS (images or directories of .bmp/.png/.jpg/.tif HPFs)."""
     _import_tensorflow()
     from focas_keras.inference.cascade import Cascade, CascadeSettings, list_inputs
     from focas_keras.inference.outputs import detect_to_dir
 
     files = list_inputs(inputs)
-    settings = CascadeSettings(mpp=mpp, model_mpp=model_mpp, det_mpp=det_mpp, cls_mpp=cls_mpp,
-                               tile=tile, overlap=overlap,
-                               tile_batch=tile_batch, det_threshold=det_threshold,
-                               cls_threshold=cls_threshold, patch=patch, merge_px=merge_px)
-    cascade = Cascade.from_runs(det_run, cls_run, settings, which=which)
-    counts = detect_to_dir(cascade, files, out, overlays=not no_overlays, progress=True,
-                           overwrite=overwrite)
+    values = dict(mpp=mpp, model_mpp=model_mpp, det_mpp=det_mpp, cls_mpp=cls_mpp, tile=tile,
+                  overlap=overlap, tile_batch=tile_batch, det_threshold=det_threshold,
+                  cls_threshold=cls_threshold, patch=patch, merge_px=merge_px,
+                  max_candidates_per_mm2=max_candidates_per_mm2, tta=tta)
+    with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
+        if card is None:
+            values["tta"] = bool(tta)
+            cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(**values),
+                                        which=which)
+        else:
+            from focas_keras import pretrained
+
+            cascade = Cascade.from_runs(det_run, cls_run,
+                                        pretrained.settings_from_card(card, **values),
+                                        which="model")
+        extra = {} if card is None else {"bundled_model": card["name"]}
+        counts = detect_to_dir(cascade, files, out, overlays=not no_overlays, progress=True,
+                               overwrite=overwrite, extra=extra)
     click.echo(f"{int(counts['accepted'].sum())} mitoses accepted of "
                f"{int(counts['candidates'].sum())} candidates in {len(files)} images "
-               f"(stage-2 threshold {cascade.cls_threshold:.3f}); results in {out}")
+               f"(stage 1 >= {cascade.det_threshold:.3f}, stage 2 >= "
+               f"{cascade.cls_threshold:.3f}{', TTA' if cascade.settings.tta else ''}); "
+               f"results in {out}")
+    click.echo(f"  {out}/counts.csv: mitoses per image and per mm2; detections.csv: every "
+               f"candidate (accepted = counted); detections.geojson: accepted, for QuPath"
+               + ("" if no_overlays else "; overlays/: green = accepted"))
+
+
+def _runs_or_bundled(det_run, cls_run):
+    """``with`` (det_run, cls_run, card): the given runs (card None), or the bundled
+    pretrained cascade when neither is given (announced on stdout)."""
+    import contextlib
+
+    from focas_keras import pretrained
+
+    if det_run is None and cls_run is None:
+        card = pretrained.load_card()
+        click.echo(f"using the bundled model {card['name']} (ICPR 2012 scanner A, "
+                   f"cross-validated F1 {card['cv_estimate']['pooled']['f1']:.2f}; "
+                   f"`focas-keras models` shows its card)")
+        return pretrained.runs()
+    if det_run is None or cls_run is None:
+        raise InputError("give both --det and --cls, or neither (the bundled model)")
+    return contextlib.nullcontext((det_run, cls_run, None))
+
+
+@main.command()
+def models():
+    """List the bundled pretrained models with their cards."""
+    from focas_keras import pretrained
+
+    for name in pretrained.names():
+        card = pretrained.load_card(name)
+        p, t = card["cv_estimate"]["pooled"], card["thresholds"]
+        default = " (default)" if name == pretrained.DEFAULT else ""
+        click.echo(f"{name}{default}: {card['data']['name']}; preset {card['preset']}; "
+                   f"cross-validated F1 {p['f1']:.3f} (P {p['precision']:.3f}, "
+                   f"R {p['recall']:.3f}); thresholds stage 1 >= {t['det_threshold']:.4f}, "
+                   f"stage 2 >= {t['cls_threshold']:.4f}, TTA {'on' if t['tta'] else 'off'}")
+        click.echo(f"  card: {pretrained.model_dir(name) / 'MODEL_CARD.md'}")
+        click.echo(f"  sample field: {pretrained.sample_field()}")
 
 
 @main.command("export")
-@click.option("--det", "det_run", type=click.Path(), default=None, help="A train-det run.")
-@click.option("--cls", "cls_run", type=click.Path(), default=None, help="A train-cls run.")
+@click.option("--det", "det_run", type=click.Path(), default=None,
+              help="A train-det run (default: the bundled pretrained cascade, with --cls).")
+@click.option("--cls", "cls_run", type=click.Path(), default=None,
+              help="A train-cls run (default: the bundled pretrained cascade, with --det).")
 @click.option("--out", "base", required=True, type=click.Path(file_okay=False),
               help="BASE directory: BASE/<name>/<version>/ SavedModels and BASE/models.config.")
 @click.option("--name", default="focasnet", show_default=True, help="Name of the cascade model.")
@@ -429,6 +501,10 @@ def detect(inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp, tile
 @_cascade_options
 @click.option("--max-detections", type=int, default=300, show_default=True,
               help="Candidates returned per image (the best by stage-1 score).")
+@click.option("--max-candidates-per-mm2", type=float, default=2000.0, show_default=True,
+              help="Stage-1 candidate cap per mm^2, as for detect: each tile and each image "
+                   "keeps at most this many per mm^2 of its area (an image also at most "
+                   "--max-detections).")
 @click.option("--max-pixels", type=int, default=25_000_000, show_default=True,
               help="Largest image (height x width) a request may send.")
 @click.option("--sample", type=click.Path(), default=None,
@@ -442,7 +518,7 @@ def detect(inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp, tile
 @click.pass_context
 def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, tile, mpp, overlap,
                tile_batch, det_threshold, cls_threshold, patch, merge_px, which, max_detections,
-               max_pixels, sample, config_base, check):
+               max_candidates_per_mm2, max_pixels, sample, config_base, check):
     """Export the cascade, Mdet and Mclass as SavedModels for TensorFlow Serving."""
     _import_tensorflow()
     from focas_keras.export import savedmodel
@@ -451,25 +527,34 @@ def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, t
     if det_run is None and cls_run is None and check:
         click.echo(savedmodel.describe_base(base, version=version))
         return
-    if det_run is None or cls_run is None:
-        raise InputError("give --det and --cls (or only --check to show an existing export)")
     from data_tools.annotations import load_image
     from focas_keras.inference.cascade import Cascade, CascadeSettings
 
-    settings = CascadeSettings(mpp=mpp, tile=tile, overlap=overlap, tile_batch=tile_batch,
-                               det_threshold=det_threshold, cls_threshold=cls_threshold,
-                               patch=patch, merge_px=merge_px)
-    cascade = Cascade.from_runs(det_run, cls_run, settings, which=which)
-    image = load_image(sample) if sample else None
-    try:
-        result = savedmodel.export(cascade, base, name=name, det_name=det_name,
-                                   cls_name=cls_name, version=version,
-                                   max_detections=max_detections, max_pixels=max_pixels,
-                                   sample=image, config_base=config_base, log=click.echo)
-    except ExportError as err:
-        click.echo(f"focas-keras: error: export failed its check, nothing was written: {err}",
-                   err=True)
-        ctx.exit(1)
+    values = dict(mpp=mpp, tile=tile, overlap=overlap, tile_batch=tile_batch,
+                  det_threshold=det_threshold, cls_threshold=cls_threshold, patch=patch,
+                  merge_px=merge_px, max_candidates_per_mm2=max_candidates_per_mm2)
+    with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
+        if card is None:
+            cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(**values),
+                                        which=which)
+        else:
+            from focas_keras import pretrained
+
+            if card["thresholds"].get("tta"):
+                click.echo("note: the served graph scores each crop once (no TTA), so its "
+                           "accepted set may differ slightly from `detect` with this model")
+            cascade = Cascade.from_runs(det_run, cls_run, pretrained.settings_from_card(
+                card, **values, tta=False), which="model")
+        image = load_image(sample) if sample else None
+        try:
+            result = savedmodel.export(cascade, base, name=name, det_name=det_name,
+                                       cls_name=cls_name, version=version,
+                                       max_detections=max_detections, max_pixels=max_pixels,
+                                       sample=image, config_base=config_base, log=click.echo)
+        except ExportError as err:
+            click.echo(f"focas-keras: error: export failed its check, nothing was written: "
+                       f"{err}", err=True)
+            ctx.exit(1)
     click.echo(savedmodel.format_summary(result))
     if check:
         click.echo(savedmodel.describe_base(base, names=list(result["paths"]),

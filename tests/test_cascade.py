@@ -7,6 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import json  # noqa: E402
 
 import cv2  # noqa: E402
+import tensorflow as tf  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
@@ -22,6 +23,14 @@ from focas_keras.models.mdet import build_mdet  # noqa: E402
 from focas_keras.models.mdet_config import preset as mdet_preset  # noqa: E402
 
 
+#: A per-area candidate cap that never binds on these small test images.
+UNCAPPED = 1e9
+
+
+def _uncapped(**settings) -> CascadeSettings:
+    return CascadeSettings(max_candidates_per_mm2=UNCAPPED, **settings)
+
+
 class FakeCascade(Cascade):
     """Stage 1 finds dark connected components per tile (purely local); stage 2 scores the
     darkness of the crop's centre pixel."""
@@ -31,7 +40,7 @@ class FakeCascade(Cascade):
                          cls_threshold_default)
         self.batches, self.patches = [], []
 
-    def _detect_tiles(self, batch):
+    def _detect_tiles(self, batch, max_detections, valid_size=None):
         self.batches.append(batch.shape)
         found = []
         for tile in batch:
@@ -93,8 +102,8 @@ def test_tile_starts_cover_with_overlap():
 
 def test_tiled_equals_whole_image():
     image, truth = _squares_image()
-    whole = FakeCascade(CascadeSettings(det_threshold=0.0))
-    tiled = FakeCascade(CascadeSettings(det_threshold=0.0, tile=160, overlap=96, tile_batch=5))
+    whole = FakeCascade(_uncapped(det_threshold=0.0))
+    tiled = FakeCascade(_uncapped(det_threshold=0.0, tile=160, overlap=96, tile_batch=5))
     boxes_w, scores_w = whole.stage1(image)
     boxes_t, scores_t = tiled.stage1(image)
     assert whole.batches == [(1, 320, 320, 3)]
@@ -111,13 +120,13 @@ def test_tiling_check_catches_tile_edge_copies(monkeypatch):
     image, truth = _squares_image()
     monkeypatch.setattr(cascade_module, "_ownership",
                         lambda starts, tile: [(-np.inf, np.inf)] * len(starts))
-    boxes, _ = FakeCascade(CascadeSettings(det_threshold=0.0, tile=160, overlap=96)).stage1(image)
+    boxes, _ = FakeCascade(_uncapped(det_threshold=0.0, tile=160, overlap=96)).stage1(image)
     assert len(boxes) > len(truth)
 
 
 def test_image_smaller_than_tile_is_one_padded_tile():
     image, truth = _squares_image(70, 100, seed=5, count=6)
-    tiled = FakeCascade(CascadeSettings(det_threshold=0.0, tile=128, overlap=32))
+    tiled = FakeCascade(_uncapped(det_threshold=0.0, tile=128, overlap=32))
     boxes, _ = tiled.stage1(image)
     assert tiled.batches == [(1, 128, 128, 3)]
     np.testing.assert_array_equal(_sorted(boxes), _sorted(truth))
@@ -134,7 +143,7 @@ def test_crops_are_centred_and_reflect_padded():
     np.testing.assert_array_equal(inner[0], image[30:51, 40:61])
     np.testing.assert_array_equal(inner[1], inner[0])
     assert crop_patches(image, np.zeros((0, 2)), 16).shape == (0, 16, 16, 3)
-    fake = FakeCascade(CascadeSettings(patch=32))
+    fake = FakeCascade(_uncapped(patch=32))
     fake.stage2(image, [[2, 4, 4, 6]])
     np.testing.assert_array_equal(fake.patches[0][0, 16, 16], image[5, 3])
 
@@ -145,8 +154,7 @@ def test_rescaling_maps_boxes_back(mpp, model_mpp, shape):
     image = np.full((80, 100, 3), 220, np.uint8)
     image[10:20, 20:30] = 40
     image[50:70, 60:80] = 30
-    fake = FakeCascade(CascadeSettings(mpp=mpp, model_mpp=model_mpp, det_threshold=0.0,
-                                       patch=24))
+    fake = FakeCascade(_uncapped(mpp=mpp, model_mpp=model_mpp, det_threshold=0.0, patch=24))
     boxes, _ = fake.stage1(image)
     assert fake.batches == [shape]
     np.testing.assert_allclose(_sorted(boxes), [[20, 10, 30, 20], [60, 50, 80, 70]])
@@ -170,7 +178,7 @@ def test_each_stage_runs_at_its_own_pixel_size():
     image = np.full((80, 100, 3), 220, np.uint8)
     image[10:20, 20:30] = 40
     image[50:70, 60:80] = 30
-    fake = _StageMppFake(CascadeSettings(mpp=0.25, det_threshold=0.0, patch=8, merge_px=0),
+    fake = _StageMppFake(_uncapped(mpp=0.25, det_threshold=0.0, patch=8, merge_px=0),
                          det_mpp_default=0.5)
     assert (fake.det_mpp, fake.cls_mpp, fake.det_scale, fake.cls_scale) == (0.5, 0.25, 0.5, 1.0)
     table = fake.run(image)
@@ -216,11 +224,11 @@ def test_run_data_mpp_is_read_from_run_json(tmp_path):
 
 def test_run_table_and_acceptance_threshold():
     image, _ = _squares_image()
-    fake = FakeCascade(CascadeSettings(det_threshold=0.0))
+    fake = FakeCascade(_uncapped(det_threshold=0.0))
     boxes, _ = fake.stage1(image)
     scores = fake.stage2(image, boxes)
     threshold = float(np.sort(scores)[len(scores) // 2])
-    table = FakeCascade(CascadeSettings(det_threshold=0.0, cls_threshold=threshold)).run(image)
+    table = FakeCascade(_uncapped(det_threshold=0.0, cls_threshold=threshold)).run(image)
     assert list(table.columns) == RESULT_COLUMNS
     assert table.accepted.dtype == bool
     assert (np.diff(table.det_score) <= 0).all()
@@ -229,8 +237,8 @@ def test_run_table_and_acceptance_threshold():
     at_threshold = table.cls_score == threshold
     assert at_threshold.any() and table.accepted[at_threshold].all()
     np.testing.assert_allclose(table.x, (table.x1 + table.x2) / 2)
-    assert FakeCascade(CascadeSettings(), cls_threshold_default=0.37).cls_threshold == 0.37
-    empty = FakeCascade(CascadeSettings()).run(np.full((50, 50, 3), 230, np.uint8))
+    assert FakeCascade(_uncapped(), cls_threshold_default=0.37).cls_threshold == 0.37
+    empty = FakeCascade(_uncapped()).run(np.full((50, 50, 3), 230, np.uint8))
     assert list(empty.columns) == RESULT_COLUMNS and len(empty) == 0
 
 
@@ -343,3 +351,215 @@ def test_merge_points_keeps_one_detection_per_cell():
     assert merge_points(centres, scores, accepted, 30.0).tolist() == [False, True, True, False]
     assert merge_points(centres, scores, accepted, 0.0).tolist() == accepted.tolist()
 
+
+
+# --------------------------------------------------------------------------- candidate caps
+
+
+def test_candidate_cap_values():
+    from focas_keras.inference.cascade import candidate_cap
+
+    # A 2084 px ICPR 2012 field: (2084 * 0.2456 um)^2 = 0.26197 mm^2 -> 523.94 -> 524; the same
+    # field at half resolution (1042 px of 0.4912 um) covers the same area.
+    assert candidate_cap(2084, 2084, 0.2456, 2000) == 524
+    assert candidate_cap(1042, 1042, 0.4912, 2000) == 524
+    # A 512 px tile at 0.4912 um/px: 0.063249 mm^2 -> 126.50 -> 127.
+    assert candidate_cap(512, 512, 0.4912, 2000) == 127
+    # Exactly 0.25 mm^2 (1000 px of 0.5 um): 500, not 501 from float noise.
+    assert candidate_cap(1000, 1000, 0.5, 2000) == 500
+    assert candidate_cap(1000, 500, 0.5, 2000) == 250
+    assert candidate_cap(10, 10, 0.25, 2000) == 1          # 0.0125 -> at least 1
+    assert candidate_cap(100, 100, 0.25, 2000.5) == 2      # 1.25 -> 2
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_candidates_per_mm2=0), dict(tta="yes"),
+                                    dict(max_candidates_per_mm2=-5.0)])
+def test_cap_and_tta_settings_are_validated(kwargs):
+    with pytest.raises(InputError, match="max candidates per mm\\^2|tta"):
+        CascadeSettings(**kwargs)
+
+
+def test_per_area_cap_binds_and_is_recorded():
+    """26 squares on a 320 px image at 0.2456 um/px (0.006178 mm^2): 1000 per mm^2 keeps
+    ceil(6.18) = 7, the best by score; each 160 px tile keeps ceil(1.544) = 2."""
+    image, truth = _squares_image()
+    free = FakeCascade(_uncapped(det_threshold=0.0))
+    boxes, scores = free.stage1(image)
+    assert len(boxes) == 26 and free.last_stage1_info == {
+        "candidates": 26, "cap": 6_176_703, "cap_bound": False, "calls": 1, "calls_at_cap": 0}
+    capped = FakeCascade(CascadeSettings(det_threshold=0.0, max_candidates_per_mm2=1000.0))
+    capped_boxes, capped_scores = capped.stage1(image)
+    np.testing.assert_array_equal(capped_boxes, boxes[:7])
+    np.testing.assert_array_equal(capped_scores, scores[:7])
+    assert capped.last_stage1_info == {"candidates": 7, "cap": 7, "cap_bound": True,
+                                       "calls": 1, "calls_at_cap": 1}
+    tiled = FakeCascade(CascadeSettings(det_threshold=0.0, max_candidates_per_mm2=1000.0,
+                                        tile=160, overlap=96))
+    tiled_boxes, _ = tiled.stage1(image)
+    info = tiled.last_stage1_info
+    assert info["cap"] == 7 and info["calls"] == 16 and info["cap_bound"]
+    assert 0 < info["calls_at_cap"] <= 16 and len(tiled_boxes) <= 7
+    assert tiled.candidate_cap(160, 160) == 2
+    assert len(tiled.run(image)) == info["candidates"]
+
+
+# --------------------------------------------------------------------------- a real Mdet
+
+
+@pytest.fixture(scope="module")
+def tiny_mdet():
+    """A random-weight tiny Mdet and its config."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    config = mdet_preset("tiny")
+    return build_mdet(config), config
+
+
+def _pink_field(height, width, seed=0):
+    """A noisy pink field with dark blobs, like test_export's."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = (225, 160, 195)
+    image += rng.integers(0, 30, image.shape, dtype=np.uint8)
+    for _ in range(max(1, height * width // 4000)):
+        x, y, r = rng.integers(0, width), rng.integers(0, height), rng.integers(6, 16)
+        cv2.circle(image, (int(x), int(y)), int(r), (60, 30, 100), -1)
+    return image
+
+
+def _mdet_cascade(tiny_mdet, **settings):
+    model, config = tiny_mdet
+    return Cascade(model, config, None, mclass_preset("tiny"),
+                   CascadeSettings(det_threshold=0.0, **settings))
+
+
+def test_whole_image_and_one_padded_tile_agree_exactly(tiny_mdet):
+    """A 200 px image: whole, Mdet mirror-pads it to 224 px; tiled (224 px tiles), the
+    cascade mirror-pads it to the tile. Same input, same padding rule (boxes mostly in the
+    padding dropped before NMS), so the same candidates, with both per-area caps binding
+    (121 for the image, 152 for the tile at 50000 per mm^2)."""
+    image = _pink_field(200, 200, seed=1)
+    whole = _mdet_cascade(tiny_mdet, max_candidates_per_mm2=50000.0)
+    tiled = _mdet_cascade(tiny_mdet, max_candidates_per_mm2=50000.0, tile=224, overlap=32)
+    boxes_w, scores_w = whole.stage1(image)
+    boxes_t, scores_t = tiled.stage1(image)
+    assert whole.last_stage1_info == {"candidates": 121, "cap": 121, "cap_bound": True,
+                                      "calls": 1, "calls_at_cap": 1}
+    assert tiled.last_stage1_info == {"candidates": 121, "cap": 121, "cap_bound": True,
+                                      "calls": 1, "calls_at_cap": 1}
+    np.testing.assert_array_equal(boxes_t, boxes_w)
+    np.testing.assert_array_equal(scores_t, scores_w)
+    assert boxes_w[:, [0, 2]].max() <= 200 and boxes_w[:, [1, 3]].max() <= 200
+
+
+def _border_share(boxes, height, width, band):
+    """Share of boxes whose centre lies within ``band`` px of the bottom or right border."""
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    return float(np.mean((cx > width - band) | (cy > height - band)))
+
+
+def test_no_pile_up_of_candidates_at_the_padded_border(tiny_mdet, monkeypatch):
+    """A 200 x 170 field of pink noise is padded to 224 x 192 for Mdet. Zero padding puts a
+    dark band along the bottom and right, to which even a random Mdet responds: about half of
+    its 100 best candidates crowd the 16 px strip along those borders, which is 16.7 % of the
+    image (45-58 % over five seeds). Mirrored, the strip gets no more than about its share
+    (9-15 %), and every box is clipped to the image with area left."""
+    from focas_keras.models import mdet as mdet_module
+
+    height, width, band = 200, 170, 16
+    area_share = 1 - (height - band) * (width - band) / (height * width)
+    rng = np.random.default_rng(0)
+    image = np.full((height, width, 3), (225, 160, 195), np.uint8)
+    image += rng.integers(0, 30, image.shape, dtype=np.uint8)
+    per_mm2 = 100 / (height * width * (0.2456e-3) ** 2)  # a cap of 100 candidates
+    mirrored, _ = _mdet_cascade(tiny_mdet, max_candidates_per_mm2=per_mm2).stage1(image)
+    assert len(mirrored) == 100
+    assert _border_share(mirrored, height, width, band) <= 1.25 * area_share
+    assert ((mirrored[:, 2] > mirrored[:, 0]) & (mirrored[:, 3] > mirrored[:, 1])).all()
+    assert mirrored[:, [0, 2]].max() <= width and mirrored[:, [1, 3]].max() <= height
+
+    def zero_pad(images, padded_height, padded_width):
+        h, w = images.shape[1], images.shape[2]
+        return tf.pad(images, [[0, 0], [0, padded_height - h], [0, padded_width - w], [0, 0]])
+
+    monkeypatch.setattr(mdet_module, "mirror_pad", zero_pad)
+    zeroed, _ = _mdet_cascade(tiny_mdet, max_candidates_per_mm2=per_mm2).stage1(image)
+    assert _border_share(zeroed, height, width, band) > 2 * area_share  # the check bites
+
+
+def test_whole_image_and_512_px_tiles_agree_on_a_real_field(tiny_mdet, icpr_dir):
+    """A real ICPR 2012 field at half resolution (1042 px; the whole image is mirror-padded
+    to 1056), stage 1 whole and in 512 px tiles (overlap 64: origins 0, 448, 530), with the
+    same random-weight tiny Mdet.
+
+    Tolerances, and why: the random model's scores all lie within ~2e-4 (about 0.0100 to
+    0.0102), and GroupNorm normalises over its whole input, so a 512 px tile, whose
+    statistics differ from the whole field's, shifts every score a little (measured: up to
+    2.2e-5, boxes up to 0.2 px). Asserted: every compared whole-image candidate has a tiled
+    one within 1 px per coordinate whose score differs by < 5e-5. Compared are the candidates
+    whose score is at least 5e-5 above the threshold (so neither run can drop them at it),
+    whose centre is 32 px or more from every tile edge inside the image, and which are owned
+    by tiles starting on Mdet's 32 px grid (the last tile, at 530, sees anchors and strides
+    2-18 px off the whole image's). NMS is off (IoU 1): between overlapping boxes of almost
+    equal scores it would choose by that noise. The threshold, the 80th percentile of all
+    scores, keeps the candidates below every cap (caps: their own test).
+    """
+    from data_tools.annotations import load_image
+    from focas_keras.inference.cascade import _ownership
+
+    model, config = tiny_mdet
+    config = config.override(**{"inference.nms_iou": 1.0})
+    image = load_image(sorted((icpr_dir / "images").glob("*.jpg"))[0])
+
+    def cascade(**settings):
+        return Cascade(model, config, None, mclass_preset("tiny"), CascadeSettings(
+            det_mpp=0.4912, nms_iou=1.0, max_candidates_per_mm2=1e6, **settings))
+
+    _, all_scores = cascade(det_threshold=0.0).stage1(image)
+    threshold = float(np.quantile(all_scores, 0.8))
+    whole, tiled = cascade(det_threshold=threshold), cascade(det_threshold=threshold, tile=512)
+    boxes_w, scores_w = whole.stage1(image)
+    boxes_t, scores_t = tiled.stage1(image)
+    assert tiled.last_stage1_info["calls"] == 9 and not tiled.last_stage1_info["cap_bound"]
+    assert whole.det_scale == 0.5 and whole.model_image(image, "det")[0].shape == (1042, 1042, 3)
+
+    # Both sets in Mdet's pixels (input pixels x 0.5).
+    boxes_w, boxes_t = boxes_w * whole.det_scale, boxes_t * whole.det_scale
+    starts = tile_starts(1042, 512, 64)
+    owners = _ownership(starts, 512)
+
+    def comparable(v):
+        owner = next(k for k, (lo, hi) in enumerate(owners) if lo <= v < hi)
+        edges = [e for e in (starts[owner], starts[owner] + 512) if 0 < e < 1042]
+        return starts[owner] % 32 == 0 and all(abs(v - e) >= 32 for e in edges)
+
+    centres = (boxes_w[:, :2] + boxes_w[:, 2:]) / 2
+    compared = [i for i, (cx, cy) in enumerate(centres)
+                if scores_w[i] >= threshold + 5e-5 and comparable(cx) and comparable(cy)]
+    assert len(compared) >= 10
+    for i in compared:
+        j = int(np.argmin(np.abs(boxes_t - boxes_w[i]).max(axis=1)))
+        assert np.abs(boxes_t[j] - boxes_w[i]).max() <= 1.0, (boxes_w[i], boxes_t[j])
+        assert abs(scores_t[j] - scores_w[i]) < 5e-5
+
+
+def test_tta_setting_scores_crops_with_predict_proba_tta():
+    import keras
+
+    from focas_keras.models.mclass import predict_proba, predict_proba_tta
+
+    keras.utils.set_random_seed(0)
+    cls_config = mclass_preset("tiny")
+    model = build_mclass(cls_config)
+    patches = np.random.default_rng(0).integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
+    size = cls_config.model.input_size
+
+    def classify(tta):
+        return Cascade(None, mdet_preset("tiny"), model, cls_config,
+                       CascadeSettings(tta=tta, cls_batch=3))._classify(patches)
+
+    np.testing.assert_allclose(classify(True), predict_proba_tta(model, patches, size, 3),
+                               atol=1e-6)
+    np.testing.assert_allclose(classify(False), predict_proba(model, patches, size, 3),
+                               atol=1e-6)

@@ -39,12 +39,16 @@ from focas_keras.models.mdet import build_mdet  # noqa: E402
 from focas_keras.models.mdet_config import preset as mdet_preset  # noqa: E402
 
 TILE, OVERLAP, TILE_BATCH = 64, 16, 3  # 150 x 130 -> 3 x 3 tiles; 100 x 160 -> 2 x 3
+# Per-area caps that leave D (MAX_DETECTIONS) in charge on these small images: a 64 px tile
+# at 0.2456 um/px keeps ceil(1e6 x 2.47e-4) = 248 (the default 2000 per mm^2 would keep 1).
+PER_MM2 = 1e6
 SETTINGS = dict(tile=TILE, overlap=OVERLAP, tile_batch=TILE_BATCH, det_threshold=0.3,
-                cls_threshold=0.5, merge_px=30.0)
+                cls_threshold=0.5, merge_px=30.0, max_candidates_per_mm2=PER_MM2)
 MAX_DETECTIONS, MAX_PIXELS = 60, 100_000
 EXPORT_ARGS = ["--tile", str(TILE), "--overlap", str(OVERLAP), "--tile-batch", str(TILE_BATCH),
                "--det-threshold", "0.3", "--cls-threshold", "0.5",
-               "--max-detections", str(MAX_DETECTIONS), "--max-pixels", str(MAX_PIXELS)]
+               "--max-detections", str(MAX_DETECTIONS), "--max-pixels", str(MAX_PIXELS),
+               "--max-candidates-per-mm2", str(PER_MM2)]
 
 
 def _image(height, width, seed):
@@ -359,7 +363,8 @@ def test_cli_export_versions_and_failed_check(exported, tmp_path, monkeypatch):
     assert "exported version 1" in result.output
     assert (f"tile 64 overlap 16, stage-1 threshold 0.3, NMS IoU 0.5, patch 112, stage-2 "
             f"threshold 0.5, merge 30 px, at most {MAX_DETECTIONS} detections, images up to "
-            f"{MAX_PIXELS} px") in result.output
+            f"{MAX_PIXELS} px, at most 1e+06 candidates per mm^2 (248 per tile of 0.2456 "
+            "um/px)") in result.output
     assert "signature_def['serving_default']" in result.output
     # A self-check failure: exit 1, one line, nothing new under BASE (not even a temp dir).
     def fail(*args, **kwargs):
@@ -482,6 +487,36 @@ def test_export_settings_refuse_whole_image_and_rescaling():
                       CascadeSettings(tile=64, overlap=16, mpp=0.5, det_mpp=0.25))
     with pytest.raises(InputError, match="only shrink"):   # Mdet finer than the images
         graph.GraphSettings.from_cascade(cascade)
+    cascade = Cascade(None, mdet_preset("tiny"), None, mclass_preset("tiny"),
+                      CascadeSettings(tile=64, overlap=16, tta=True))
+    with pytest.raises(InputError, match="test-time augmentation"):
+        graph.GraphSettings.from_cascade(cascade)
+
+
+@pytest.mark.parametrize("shape", [(150, 130), (50, 40)])  # tiles; one mirror-padded tile
+def test_in_graph_stage1_keeps_the_per_area_caps_of_the_python_cascade(shape):
+    """Stage 1 of the graph (traced, not saved) against Cascade.stage1 with caps that bind:
+    20000 per mm^2 keeps ceil(4.94) = 5 per 64 px tile and 24 on a 150 x 130 image (3 on
+    50 x 40, which both mirror to one tile)."""
+    sample = _image(*shape, seed=5)
+    det, det_config, cls, cls_config = _models(_image(150, 130, 1))
+    cascade = Cascade(det, det_config, cls, cls_config,
+                      CascadeSettings(**dict(SETTINGS, max_candidates_per_mm2=20000.0,
+                                             det_threshold=0.05)), 0.5)
+    settings = graph.GraphSettings.from_cascade(cascade, MAX_DETECTIONS, MAX_PIXELS)
+    stage1 = graph.TiledStage1(det, det_config, settings)
+    assert stage1.tile_cap == 5 == cascade.candidate_cap(TILE, TILE)
+    boxes, scores = cascade.stage1(sample)
+    info = cascade.last_stage1_info
+    assert info["cap"] == {(150, 130): 24, (50, 40): 3}[shape] and info["cap_bound"]
+    assert len(boxes) == info["candidates"] == info["cap"]
+    got_boxes, got_scores = stage1.function(tf.constant(sample))
+    assert len(got_boxes) == len(boxes)
+    cut = savedmodel.image_cut(cascade, MAX_DETECTIONS)
+    assert cut == info["cap"]
+    assert compare.compare_tables(savedmodel._stage1_table(got_boxes.numpy(), got_scores.numpy()),
+                                  savedmodel._stage1_table(boxes, scores), "capped", settings,
+                                  cut) == 0
 
 
 def test_export_with_stage1_at_half_resolution(tmp_path):

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from focas_keras.errors import InputError  # noqa: E402
 from focas_keras.models.backbone import build_backbone  # noqa: E402
 from focas_keras.models.mclass import (  # noqa: E402
-    build_mclass, load_init_weights, predict_proba, resize_patches)
+    build_mclass, load_init_weights, predict_proba, predict_proba_tta, resize_patches)
 from focas_keras.models.mclass_config import (  # noqa: E402
     MclassConfig, MclassModelConfig, MclassTrainConfig, preset)
 
@@ -97,6 +97,45 @@ def test_predict_proba():
     np.testing.assert_allclose(proba, 1 / (1 + np.exp(-logits)), rtol=1e-5, atol=1e-6)
     empty = predict_proba(model, np.zeros((0, 112, 112, 3), np.uint8), 64)
     assert empty.shape == (0,)
+
+
+def _sharp_mclass():
+    """A random Mclass whose probabilities spread (logit kernel x 30)."""
+    keras.utils.set_random_seed(0)
+    model = build_mclass(small())
+    logit = model.get_layer("logit")
+    logit.kernel.assign(logit.kernel * 30.0)
+    return model
+
+
+def _dihedral(patches):
+    """The 8 symmetries of the square, written out one by one (rotations counter-clockwise)."""
+    t = patches.transpose(0, 2, 1, 3)
+    return [patches, t[:, ::-1], patches[:, ::-1, ::-1], t[:, :, ::-1],  # 0, 90, 180, 270
+            patches[:, :, ::-1], patches[:, ::-1], t, t[:, ::-1, ::-1]]  # flips, (anti)transpose
+
+
+def test_tta_is_the_mean_of_the_eight_transformed_predictions():
+    model = _sharp_mclass()
+    patches = np.random.default_rng(2).integers(0, 256, (3, 112, 96, 3), dtype=np.uint8)
+    views = [predict_proba(model, np.ascontiguousarray(v), 64, batch_size=2)
+             for v in _dihedral(patches)]
+    tta = predict_proba_tta(model, patches, 64, batch_size=2)
+    assert tta.shape == (3,) and tta.dtype == np.float32
+    np.testing.assert_allclose(tta, np.mean(views, axis=0), atol=1e-6)
+    assert np.abs(tta - views[0]).max() > 1e-3  # the model is not orientation-blind
+    assert predict_proba_tta(model, np.zeros((0, 112, 112, 3), np.uint8), 64).shape == (0,)
+
+
+def test_tta_of_a_dihedral_invariant_patch_equals_no_tta():
+    model = _sharp_mclass()
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (2, 112, 112, 3)).astype(np.int64)
+    patches = (sum(_dihedral(base)) // 8).astype(np.uint8)  # the group average: invariant
+    for view in _dihedral(patches):
+        np.testing.assert_array_equal(view, patches)
+    np.testing.assert_allclose(predict_proba_tta(model, patches, 64),
+                               predict_proba(model, patches, 64), atol=1e-6)
 
 
 def test_init_from_whole_model(tmp_path):

@@ -8,7 +8,7 @@ import tensorflow as tf
 from focas_keras.models import levels
 from focas_keras.models.anchors import generate_anchors
 from focas_keras.models.mdet import (Detector, anchor_config, build_mdet, decode_detections,
-                                     detect_batch, mdet_loss)
+                                     detect_batch, mdet_loss, mirror_indices, pad_to_stride)
 from focas_keras.models.mdet_config import preset
 
 TINY = preset("tiny")
@@ -104,8 +104,10 @@ def test_compiled_detector_equals_eager_detect_batch(model):
     np.testing.assert_array_equal(compiled["num_detections"], eager["num_detections"])
     np.testing.assert_allclose(compiled["scores"], eager["scores"], atol=1e-5)
     np.testing.assert_allclose(compiled["boxes"], eager["boxes"], atol=1e-3)
-    boxes, scores = detector.detect_image((x[0] * 255).astype(np.uint8))
-    assert len(boxes) == len(scores) == int(eager["num_detections"][0])
+    image = (x[0] * 255).astype(np.uint8)
+    boxes, scores = detector.detect_image(image)
+    want = detector(image[None].astype(np.float32) / 255.0)
+    assert len(boxes) == len(scores) == int(want["num_detections"][0])
 
 
 def test_detect_batch_pads_any_size(model):
@@ -115,3 +117,68 @@ def test_detect_batch_pads_any_size(model):
     assert count > 0
     boxes = dets["boxes"][0, :count].numpy()
     assert boxes[:, [0, 2]].max() <= 70 and boxes[:, [1, 3]].max() <= 100
+
+
+def test_pad_to_stride_mirrors_the_image():
+    image = np.arange(30 * 20, dtype=np.float32).reshape(1, 30, 20, 1)
+    padded, size = pad_to_stride(tf.constant(image), 32)
+    padded = padded.numpy()
+    assert size == (30, 20) and padded.shape == (1, 32, 32, 1)
+    np.testing.assert_array_equal(padded[:, :30, :20], image)
+    # Half-sample mirror: the edge row/column repeats, then the image runs backwards.
+    np.testing.assert_array_equal(padded[0, 30:, :20, 0], image[0, [29, 28], :, 0])
+    np.testing.assert_array_equal(padded[0, :30, 20:, 0], image[0, :, 19:7:-1, 0])
+    np.testing.assert_array_equal(padded[0, 30:, 20:, 0], image[0, [29, 28]][:, 19:7:-1, 0])
+    unpadded, _ = pad_to_stride(tf.constant(image[:, :, :, :]), 10)
+    assert unpadded.shape == (1, 30, 20, 1)
+
+
+def test_mirror_beyond_twice_the_image_repeats_the_mirror():
+    want = list(range(10)) + list(range(9, -1, -1)) + list(range(10)) + [9, 8]
+    assert mirror_indices(10, 32).tolist() == want
+    assert mirror_indices(tf.constant(10), tf.constant(32)).numpy().tolist() == want
+    image = np.arange(10, dtype=np.float32).reshape(1, 1, 10, 1) * np.ones((1, 10, 1, 1))
+    padded, _ = pad_to_stride(tf.constant(image, tf.float32), 32)  # pads 22 > 10 px
+    np.testing.assert_array_equal(padded[0, 0, :, 0].numpy(), want)
+    np.testing.assert_array_equal(padded[0, :, 0, 0].numpy(), np.zeros(32))
+
+
+def test_decoding_drops_boxes_mostly_in_the_padding():
+    """Three planted 24 px anchors of a 64 px input whose image is 52 px: centred inside, on
+    the border (half inside: kept, clipped) and in the padding (dropped before NMS, so even
+    as the best it takes none of the 2 places)."""
+    anchors = generate_anchors(64, 64, anchor_config(TINY)).numpy()
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    square24 = np.isclose(anchors[:, 2] - anchors[:, 0], 24) & np.isclose(
+        anchors[:, 3] - anchors[:, 1], 24)  # P3, scale 1, ratio 1
+    cls = np.full((1, len(anchors), 1), -10.0, np.float32)
+
+    def pick(cx, cy):
+        at = square24 & np.isclose(centres[:, 0], cx) & np.isclose(centres[:, 1], cy)
+        return int(np.flatnonzero(at)[0])
+
+    inside, border, padding = pick(20, 20), pick(52, 20), pick(60, 20)
+    cls[0, [inside, border, padding], 0] = 3.0, 4.0, 5.0
+    outputs = {"anchor_cls": tf.constant(cls), "anchor_box": tf.zeros((1, len(anchors), 4))}
+    dets = decode_detections(outputs, 64, 64, TINY, valid_height=52, valid_width=52,
+                             max_detections=2)
+    assert int(dets["num_detections"][0]) == 2
+    np.testing.assert_allclose(dets["boxes"][0], [[40, 8, 52, 32], [8, 8, 32, 32]], atol=1e-4)
+    whole = decode_detections(outputs, 64, 64, TINY)  # no valid size: nothing is padding
+    np.testing.assert_allclose(whole["boxes"][0, 0], [48, 8, 64, 32], atol=1e-4)
+
+
+def test_detector_honours_max_detections(model):
+    x = np.random.default_rng(4).random((2, 96, 64, 3), dtype=np.float32)
+    full = Detector(model, TINY, score_threshold=0.0)(x)
+    capped = Detector(model, TINY, score_threshold=0.0, max_detections=7)(x)
+    assert capped["boxes"].shape == (2, 7, 4) and capped["scores"].shape == (2, 7)
+    assert full["boxes"].shape[1] == TINY.inference.max_detections
+    assert capped["num_detections"].numpy().tolist() == [7, 7]
+    # Greedy NMS: the 7 kept are the first 7 of the uncapped answer.
+    np.testing.assert_allclose(capped["scores"], full["scores"][:, :7], atol=1e-6)
+    np.testing.assert_allclose(capped["boxes"], full["boxes"][:, :7], atol=1e-4)
+    eager = detect_batch(model, x, TINY, score_threshold=0.0, max_detections=7)
+    np.testing.assert_allclose(eager["scores"], capped["scores"], atol=1e-5)
+    with pytest.raises(ValueError, match="max_detections"):
+        Detector(model, TINY, max_detections=0)

@@ -172,3 +172,63 @@ def test_detect_to_dir(tmp_path):
         outputs.detect_to_dir(_FakeCascade(), [src], tmp_path / "out2", progress=False)
     assert not (tmp_path / "out2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out2")]
+
+
+class _CappedCascade(_FakeCascade):
+    """As _FakeCascade, with real settings and the cap of the last image: it binds on the
+    wider image only."""
+
+    def __init__(self):
+        from focas_keras.inference.cascade import CascadeSettings
+
+        self.settings = CascadeSettings(mpp=0.25, max_candidates_per_mm2=1500.0, tta=True)
+        self.last_stage1_info = None
+
+    def run(self, image):
+        bound = image.shape[1] > 50
+        self.last_stage1_info = {"candidates": 1, "cap": 1 if bound else 2, "cap_bound": bound,
+                                 "calls": 1, "calls_at_cap": int(bound)}
+        return super().run(image)
+
+
+def test_detect_json_records_the_cap_and_where_it_bound(tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    cv2.imwrite(str(src / "wide.png"), np.full((40, 60, 3), 90, np.uint8))
+    cv2.imwrite(str(src / "narrow.png"), np.full((40, 30, 3), 90, np.uint8))
+    outputs.detect_to_dir(_CappedCascade(), [src], tmp_path / "out", progress=False)
+    summary = json.loads((tmp_path / "out" / "detect.json").read_text())
+    assert summary["settings"]["max_candidates_per_mm2"] == 1500.0
+    assert summary["settings"]["tta"] is True
+    assert summary["stage1_cap"] == {
+        "max_candidates_per_mm2": 1500.0, "cap_bound_images": ["wide"],
+        "images": {"narrow": {"candidates": 1, "cap": 2, "cap_bound": False, "calls": 1,
+                              "calls_at_cap": 0},
+                   "wide": {"candidates": 1, "cap": 1, "cap_bound": True, "calls": 1,
+                            "calls_at_cap": 1}}}
+
+
+def test_detect_cli_passes_the_cap_and_tta_into_the_settings(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from focas_keras.cli import main
+    from focas_keras.inference.cascade import Cascade
+
+    seen = []
+    monkeypatch.setattr(Cascade, "from_runs", staticmethod(
+        lambda det, cls, settings, which="best": seen.append(settings) or _CappedCascade()))
+    src = tmp_path / "a.png"
+    cv2.imwrite(str(src), np.full((40, 60, 3), 90, np.uint8))
+    base = ["detect", str(src), "--det", "D", "--cls", "C", "--no-overlays"]
+    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "o1")])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].max_candidates_per_mm2, seen[0].tta) == (2000.0, False)
+    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "o2"), "--tta",
+                                              "--max-candidates-per-mm2", "750"])
+    assert result.exit_code == 0, result.output
+    assert (seen[1].max_candidates_per_mm2, seen[1].tta) == (750.0, True)
+    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "o3"),
+                                              "--max-candidates-per-mm2", "0"])
+    assert result.exit_code == 2 and "max candidates per mm^2 must be > 0" in result.output
+    help_text = CliRunner().invoke(main, ["detect", "--help"]).output
+    assert "--max-candidates-per-mm2" in help_text and "--tta / --no-tta" in help_text

@@ -252,10 +252,29 @@ def read_records(shard_dir, kind: str, split: str, verify: bool = True) -> list[
         numpy values.
     """
     manifest, files = _shard_files(shard_dir, kind, split, verify)
-    size = int(manifest["tile_size" if kind == records.DET else "patch_size"])
-    parse = records.parse_det if kind == records.DET else records.parse_cls
-    ds = tf.data.TFRecordDataset(files).map(lambda s: parse(s, size))
+    if kind == records.FIELD:
+        ds = tf.data.TFRecordDataset(files).map(records.parse_field)
+    else:
+        size = int(manifest["tile_size" if kind == records.DET else "patch_size"])
+        parse = records.parse_det if kind == records.DET else records.parse_cls
+        ds = tf.data.TFRecordDataset(files).map(lambda s: parse(s, size))
     try:
         return [{k: v.numpy() for k, v in element.items()} for element in ds]
     except tf.errors.DataLossError as err:
         raise InputError(f"corrupt shard ({err.message.splitlines()[0]})", shard_dir) from None
+
+
+def has_records(manifest: dict, kind: str, split: str) -> bool:
+    """Whether the manifest lists non-empty shards of ``kind`` for ``split``."""
+    return any(e["records"] > 0 for e in shard_entries(manifest, kind, split))
+
+
+def read_fields(shard_dir, split: str = "val", verify: bool = True) -> list[dict]:
+    """The whole fields of a split (``prepare --val-fields``): dicts with numpy ``image``
+    uint8 (H, W, 3), ``points`` float32 (N, 2), ``mpp`` float, ``image_id``/``slide_id`` str."""
+    fields = read_records(shard_dir, records.FIELD, split, verify)
+    for field in fields:
+        field["image_id"] = field["image_id"].decode()
+        field["slide_id"] = field["slide_id"].decode()
+        field["mpp"] = float(field["mpp"])
+    return fields

@@ -19,6 +19,18 @@ source          bytes     ``mitosis``, ``background``, ``hard_negative`` or ``mi
 image_id        bytes     source image id
 slide_id        bytes     source slide id
 center          int64[2]  patch centre (x, y) in the (possibly rescaled) source image
+score           float     stage-1 score of a mined candidate (optional; -1 when absent)
+=============== ========= ==============================================================
+
+``field`` records (one whole validation field, ``prepare --val-fields``), used to select
+models and thresholds on what detection really sees instead of on tiles and patches:
+
+=============== ========= ==============================================================
+image           bytes     PNG-encoded uint8 RGB field (the whole, possibly rescaled, image)
+image_id        bytes     source image id
+slide_id        bytes     source slide id
+mpp             float     pixel size of the stored field (um/px)
+points          float[2N] x, y per mitosis centroid, field pixels
 =============== ========= ==============================================================
 """
 
@@ -30,7 +42,11 @@ import tensorflow as tf
 MANIFEST = "manifest.json"
 DET = "det"
 CLS = "cls"
+FIELD = "field"
+#: The kinds every ``prepare`` writes (``field`` only with ``--val-fields``).
 KINDS = (DET, CLS)
+#: A score feature of -1 means "not a mined candidate" (no stage-1 score).
+NO_SCORE = -1.0
 
 
 def _bytes(values):
@@ -67,8 +83,11 @@ def det_example(png: bytes, image_id: str, slide_id: str, origin, boxes) -> byte
 
 
 def cls_example(png: bytes, label: int, source: str, image_id: str, slide_id: str,
-                center) -> bytes:
-    """Serialises one classification patch (see the module docstring for the fields)."""
+                center, score: float | None = None) -> bytes:
+    """Serialises one classification patch (see the module docstring for the fields).
+
+    ``score``: the stage-1 score of a mined candidate; omitted (read back as -1) otherwise.
+    """
     features = {
         "image": _bytes([png]),
         "label": _ints([label]),
@@ -76,6 +95,21 @@ def cls_example(png: bytes, label: int, source: str, image_id: str, slide_id: st
         "image_id": _bytes([image_id.encode()]),
         "slide_id": _bytes([slide_id.encode()]),
         "center": _ints(center),
+    }
+    if score is not None:
+        features["score"] = _floats([score])
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def field_example(png: bytes, image_id: str, slide_id: str, mpp: float, points) -> bytes:
+    """Serialises one whole field with its mitosis centroids ((N, 2) x, y field pixels)."""
+    points = np.asarray(points, np.float32).reshape(-1, 2)
+    features = {
+        "image": _bytes([png]),
+        "image_id": _bytes([image_id.encode()]),
+        "slide_id": _bytes([slide_id.encode()]),
+        "mpp": _floats([mpp]),
+        "points": _floats(points.reshape(-1)),
     }
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
@@ -95,6 +129,15 @@ CLS_FEATURES = {
     "image_id": tf.io.FixedLenFeature([], tf.string),
     "slide_id": tf.io.FixedLenFeature([], tf.string),
     "center": tf.io.FixedLenFeature([2], tf.int64),
+    "score": tf.io.FixedLenFeature([], tf.float32, default_value=NO_SCORE),
+}
+
+FIELD_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "image_id": tf.io.FixedLenFeature([], tf.string),
+    "slide_id": tf.io.FixedLenFeature([], tf.string),
+    "mpp": tf.io.FixedLenFeature([], tf.float32),
+    "points": tf.io.VarLenFeature(tf.float32),
 }
 
 
@@ -131,4 +174,17 @@ def parse_cls(serialized, size: int) -> dict:
     parsed = tf.io.parse_single_example(serialized, CLS_FEATURES)
     image = tf.io.decode_png(parsed["image"], channels=3)
     parsed["image"] = tf.ensure_shape(image, [size, size, 3])
+    return parsed
+
+
+def parse_field(serialized) -> dict:
+    """Parses one field record (graph mode).
+
+    Returns:
+        dict with ``image`` uint8 [H, W, 3], ``points`` float32 [N, 2], ``mpp`` float32 scalar,
+        ``image_id``, ``slide_id`` (string scalars).
+    """
+    parsed = tf.io.parse_single_example(serialized, FIELD_FEATURES)
+    parsed["image"] = tf.io.decode_png(parsed["image"], channels=3)
+    parsed["points"] = tf.reshape(tf.sparse.to_dense(parsed["points"]), [-1, 2])
     return parsed

@@ -57,7 +57,8 @@ def _match(got_boxes, want_boxes, got_det, want_det):
     return pairs
 
 
-def compare_tables(got: pd.DataFrame, want: pd.DataFrame, what: str, settings) -> int:
+def compare_tables(got: pd.DataFrame, want: pd.DataFrame, what: str, settings,
+                   cut: int | None = None) -> int:
     """Checks the graph's table ``got`` against the Python cascade's ``want``.
 
     Args:
@@ -66,6 +67,9 @@ def compare_tables(got: pd.DataFrame, want: pd.DataFrame, what: str, settings) -
         what: names the comparison in the error.
         settings: the :class:`~focas_keras.export.graph.GraphSettings` both ran with
             (thresholds, NMS IoU, merge distance, max detections).
+        cut: the most candidates this image may have (``min(max_detections, the image's
+            candidate cap)``, where a near-tie at the cut is let through); None:
+            ``settings.max_detections``.
 
     Returns:
         The number of differences let through as near-ties (0 when the tables agree row by
@@ -87,13 +91,13 @@ def compare_tables(got: pd.DataFrame, want: pd.DataFrame, what: str, settings) -
                                   f"{b:.6f}, the Python cascade {a:.6f}")
     lone_want = sorted(set(range(len(wb))) - {i for i, _ in pairs})
     lone_got = sorted(set(range(len(gb))) - {j for _, j in pairs})
-    cut = settings.max_detections
+    cut = settings.max_detections if cut is None else int(cut)
 
     def borderline(box, score, boxes_other, scores_other, lone_other, full):
         if score <= settings.det_threshold + tol:  # at the stage-1 threshold
             return True
         if full and score <= min(wd.min(initial=1.0), gd.min(initial=1.0)) + tol:
-            return True  # at the max_detections cut
+            return True  # at the cut
         for k in lone_other:  # an NMS near-tie: the other table kept an overlapping box
             if abs(scores_other[k] - score) <= 2 * tol and _iou(
                     box, boxes_other[k][None])[0] >= settings.nms_iou - 1e-3:

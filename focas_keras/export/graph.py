@@ -1,11 +1,14 @@
 """The FoCasNet cascade as one TensorFlow graph, for SavedModel export and TF Serving.
 
 Every step of :meth:`focas_keras.inference.cascade.Cascade.run` in tiled mode runs inside the
-graph, with the same arithmetic: uint8 pixels -> zero-pad to at least one tile -> tiles on
-the :func:`~focas_keras.inference.cascade.tile_starts` grid -> Mdet on batches of
-``tile_batch`` tiles (static tile size, so anchors are built once) -> boxes offset to image
+graph, with the same arithmetic: uint8 pixels -> mirror-pad to at least one tile (as
+:func:`~focas_keras.models.mdet.mirror_indices`) -> tiles on the
+:func:`~focas_keras.inference.cascade.tile_starts` grid -> Mdet on batches of ``tile_batch``
+tiles (static tile size, so anchors are built once), each tile keeping at most the
+:func:`~focas_keras.inference.cascade.candidate_cap` of its area -> boxes offset to image
 pixels, kept only in the tile that owns their centre -> clip, threshold, class-agnostic NMS
-(the best ``max_detections`` kept) -> ``patch`` px crops around each candidate centre,
+(the best ``min(max_detections, candidate_cap of the image)`` kept) -> ``patch`` px crops
+around each candidate centre,
 reflect-padded exactly like :func:`~focas_keras.inference.cascade.crop_patches` -> resized
 to the Mclass input like :func:`~focas_keras.models.mclass.resize_patches` -> Mclass ->
 ``accepted = probability >= cls_threshold`` -> the greedy ``merge_px`` point merge of
@@ -40,9 +43,10 @@ import math
 import tensorflow as tf
 
 from focas_keras.errors import InputError
+from focas_keras.inference.cascade import candidate_cap, candidate_density
 from focas_keras.inference.resize import graph_scaled_size, shrink
 from focas_keras.models.mclass import resize_patches
-from focas_keras.models.mdet import INPUT_MULTIPLE, detect_batch
+from focas_keras.models.mdet import INPUT_MULTIPLE, detect_batch, mirror_indices
 
 #: Output keys of the cascade signatures, in a fixed order.
 CASCADE_OUTPUTS = ("detection_boxes", "detection_scores", "detection_det_scores",
@@ -73,6 +77,11 @@ class GraphSettings:
         max_detections: D, the candidates kept per image (best stage-1 scores first).
         max_pixels: the largest image (height x width) a request may send.
         det_scale: Mdet pixels per input pixel, in (0, 1] (1: stage 1 on the image as sent).
+        det_mpp, max_candidates_per_mm2: Mdet's pixel size (um/px) and the per-area
+            candidate cap of :class:`~focas_keras.inference.cascade.CascadeSettings`; each tile
+            keeps at most :meth:`tile_cap` and each image at most ``min(max_detections,
+            candidate_cap(its size in Mdet's pixels))``. Both None: tiles keep the Mdet
+            config's ``max_detections``, images ``max_detections``.
     """
 
     tile: int
@@ -86,15 +95,32 @@ class GraphSettings:
     max_detections: int = 300
     max_pixels: int = 25_000_000
     det_scale: float = 1.0
+    det_mpp: float | None = None
+    max_candidates_per_mm2: float | None = None
 
     def __post_init__(self):
+        per_area = (self.det_mpp, self.max_candidates_per_mm2)
         ok = (self.tile > 0 and self.tile % INPUT_MULTIPLE == 0 and 0 <= self.overlap < self.tile
               and self.tile_batch >= 1 and self.patch >= 1 and self.max_detections >= 1
-              and self.max_pixels >= 1 and self.merge_px >= 0 and 0 < self.det_scale <= 1)
+              and self.max_pixels >= 1 and self.merge_px >= 0 and 0 < self.det_scale <= 1
+              and (per_area == (None, None) or (None not in per_area and min(per_area) > 0)))
         if not ok:
             raise InputError(f"invalid export settings {self}: tile must be a positive multiple "
                              f"of {INPUT_MULTIPLE}, overlap below it, batches, patch, max "
-                             "detections and max pixels >= 1, det scale in (0, 1]")
+                             "detections and max pixels >= 1, det scale in (0, 1], det mpp and "
+                             "max candidates per mm^2 both None or both > 0")
+
+    @property
+    def per_area(self) -> bool:
+        """Whether candidates are capped per area (else by fixed numbers)."""
+        return self.max_candidates_per_mm2 is not None
+
+    def tile_cap(self, default: int) -> int:
+        """Candidates one tile's Mdet call keeps: ``candidate_cap(tile, tile)``, or
+        ``default`` (the Mdet config's ``max_detections``) without a per-area cap."""
+        if not self.per_area:
+            return int(default)
+        return candidate_cap(self.tile, self.tile, self.det_mpp, self.max_candidates_per_mm2)
 
     @classmethod
     def from_cascade(cls, cascade, max_detections: int = 300,
@@ -115,11 +141,15 @@ class GraphSettings:
             raise InputError(f"max detections must be an integer >= 1, got {max_detections!r}")
         if not (isinstance(max_pixels, int) and max_pixels >= 1):
             raise InputError(f"max pixels must be an integer >= 1, got {max_pixels!r}")
+        if s.tta:
+            raise InputError("the export has no test-time augmentation: export without --tta")
         return cls(tile=int(s.tile), overlap=int(s.overlap), tile_batch=int(s.tile_batch),
                    det_threshold=float(cascade.det_threshold), nms_iou=float(cascade.nms_iou),
                    cls_threshold=float(cascade.cls_threshold), patch=int(cascade.patch),
                    merge_px=float(s.merge_px), max_detections=int(max_detections),
-                   max_pixels=int(max_pixels), det_scale=float(cascade.det_scale))
+                   max_pixels=int(max_pixels), det_scale=float(cascade.det_scale),
+                   det_mpp=float(cascade.det_mpp),
+                   max_candidates_per_mm2=float(s.max_candidates_per_mm2))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -377,27 +407,34 @@ class TiledStage1:
 
     def __init__(self, det_model, det_config, settings: GraphSettings):
         self.det_model, self.det_config, self.settings = det_model, det_config, settings
+        self.tile_cap = settings.tile_cap(det_config.inference.max_detections)
         self.function = _function(self.stage1, _IMAGE_SPEC)
 
-    def _detect_chunk(self, tiles):
-        """Mdet on uint8 [b, T, T, 3] -> boxes [b, K, 4], scores [b, K], counts [b]."""
+    def _detect_chunk(self, tiles, valid_height, valid_width):
+        """Mdet on uint8 [b, T, T, 3] -> boxes [b, K, 4], scores [b, K], counts [b]; K =
+        :attr:`tile_cap`; ``valid_*``: int32 scalars, the part of each tile that is image."""
         dets = detect_batch(self.det_model, tf.cast(tiles, tf.float32) / 255.0, self.det_config,
-                            score_threshold=self.settings.det_threshold)
+                            score_threshold=self.settings.det_threshold,
+                            max_detections=self.tile_cap, valid_height=valid_height,
+                            valid_width=valid_width)
         return dets["boxes"], dets["scores"], dets["num_detections"]
 
-    def _detect_tiles(self, tiles, count):
+    def _detect_tiles(self, tiles, count, valid_height, valid_width):
         """Mdet on ``count`` uint8 tiles [count, T, T, 3] in consecutive chunks of
         ``tile_batch`` (the last one shorter), as the Python cascade batches them: the same
         batch shapes give the same convolution arithmetic, so near-equal scores keep their
-        order. Returns boxes [count, K, 4], scores [count, K], counts [count]."""
-        batch, k = self.settings.tile_batch, self.det_config.inference.max_detections
+        order. ``valid_*``: int32 scalars, the part of every tile that is image (below the
+        tile side only where the image is smaller than a tile, whose tiles all start at 0
+        there). Returns boxes [count, K, 4], scores [count, K], counts [count]."""
+        batch, k = self.settings.tile_batch, self.tile_cap
         chunks = (count + batch - 1) // batch
         arrays = [tf.TensorArray(dtype, size=chunks, infer_shape=False, element_shape=shape)
                   for dtype, shape in ((tf.float32, [None, k, 4]), (tf.float32, [None, k]),
                                        (tf.int32, [None]))]
 
         def body(c, *arrays):
-            found = self._detect_chunk(tiles[c * batch:(c + 1) * batch])
+            found = self._detect_chunk(tiles[c * batch:(c + 1) * batch], valid_height,
+                                       valid_width)
             return (c + 1,) + tuple(a.write(c, x) for a, x in zip(arrays, found))
 
         _, *arrays = tf.while_loop(lambda c, *_: c < chunks, body, [0] + arrays,
@@ -406,9 +443,9 @@ class TiledStage1:
 
     def stage1(self, image):
         """uint8 [H, W, 3] -> (boxes float64 [N, 4] x1 y1 x2 y2 input pixels, scores float32
-        [N]), N <= D, best first: ``Cascade._stage1_model`` capped at ``max_detections`` on
-        the image shrunk by ``det_scale``, boxes divided by the exact factors as in
-        ``Cascade.run``."""
+        [N]), N <= D, best first: ``Cascade._stage1_model`` (with its per-area caps) capped at
+        ``max_detections`` on the image shrunk by ``det_scale``, boxes divided by the exact
+        factors as in ``Cascade.run``."""
         scale = self.settings.det_scale
         if scale == 1.0:
             boxes, scores = self._stage1_tiled(image)
@@ -427,7 +464,8 @@ class TiledStage1:
         shape = tf.shape(image)
         height, width = shape[0], shape[1]
         ph, pw = tf.maximum(height, tile), tf.maximum(width, tile)
-        padded = tf.pad(image, [[0, ph - height], [0, pw - width], [0, 0]])
+        padded = tf.gather(tf.gather(image, mirror_indices(height, ph)),
+                           mirror_indices(width, pw), axis=1)
         ys, y_lo, y_hi = tile_grid(ph, tile, s.overlap)
         xs, x_lo, x_hi = tile_grid(pw, tile, s.overlap)
         ny, nx = tf.shape(ys)[0], tf.shape(xs)[0]
@@ -435,18 +473,20 @@ class TiledStage1:
         tiles = tf.gather(strips, xs[:, None] + tf.range(tile)[None, :], axis=2)
         tiles = tf.reshape(tf.transpose(tiles, [0, 2, 1, 3, 4]), [-1, tile, tile, 3])
         count = ny * nx
-        boxes, scores, counts = self._detect_tiles(tiles, count)
+        boxes, scores, counts = self._detect_tiles(tiles, count, tf.minimum(height, tile),
+                                                   tf.minimum(width, tile))
         k = tf.shape(boxes)[1]
         row, col = tf.range(count) // nx, tf.range(count) % nx
         ox, oy = tf.cast(tf.gather(xs, col), tf.float32), tf.cast(tf.gather(ys, row), tf.float32)
         boxes = boxes + tf.stack([ox, oy, ox, oy], -1)[:, None, :]
         cx = (boxes[..., 0] + boxes[..., 2]) / 2.0
         cy = (boxes[..., 1] + boxes[..., 3]) / 2.0
+        fw, fh = tf.cast(width, tf.float32), tf.cast(height, tf.float32)
         keep = ((tf.range(k)[None, :] < counts[:, None])
                 & (cx >= tf.gather(x_lo, col)[:, None]) & (cx < tf.gather(x_hi, col)[:, None])
-                & (cy >= tf.gather(y_lo, row)[:, None]) & (cy < tf.gather(y_hi, row)[:, None]))
+                & (cy >= tf.gather(y_lo, row)[:, None]) & (cy < tf.gather(y_hi, row)[:, None])
+                & (cx <= fw) & (cy <= fh))
         boxes, scores = tf.boolean_mask(boxes, keep), tf.boolean_mask(scores, keep)
-        fw, fh = tf.cast(width, tf.float32), tf.cast(height, tf.float32)
         boxes = tf.stack([tf.clip_by_value(boxes[:, 0], 0.0, fw),
                           tf.clip_by_value(boxes[:, 1], 0.0, fh),
                           tf.clip_by_value(boxes[:, 2], 0.0, fw),
@@ -455,9 +495,22 @@ class TiledStage1:
                 & (scores >= tf.constant(s.det_threshold, tf.float32)))
         boxes, scores = tf.boolean_mask(boxes, keep), tf.boolean_mask(scores, keep)
         chosen = tf.image.non_max_suppression(tf.gather(boxes, [1, 0, 3, 2], axis=1), scores,
-                                              max_output_size=s.max_detections,
+                                              max_output_size=self._image_cap(height, width),
                                               iou_threshold=s.nms_iou)
         return tf.gather(boxes, chosen), tf.gather(scores, chosen)
+
+    def _image_cap(self, height, width):
+        """int32 scalar: ``min(max_detections, candidate_cap(height, width))`` for an image of
+        int32 ``height`` x ``width`` Mdet pixels, in the float64 arithmetic of
+        :func:`~focas_keras.inference.cascade.candidate_cap`."""
+        s = self.settings
+        if not s.per_area:
+            return tf.constant(s.max_detections, tf.int32)
+        pixels = tf.cast(height, tf.float64) * tf.cast(width, tf.float64)  # exact below 2^53
+        density = tf.constant(candidate_density(s.det_mpp, s.max_candidates_per_mm2),
+                              tf.float64)
+        cap = tf.maximum(tf.math.ceil(pixels * density - 1e-6), 1.0)
+        return tf.minimum(tf.cast(cap, tf.int32), s.max_detections)
 
 
 class CascadeGraph(ServingModule):

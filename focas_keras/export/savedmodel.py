@@ -165,6 +165,13 @@ def reference_table(cascade, image: np.ndarray, max_detections: int) -> pd.DataF
     return table
 
 
+def image_cut(cascade, max_detections: int) -> int:
+    """The most candidates the export returns for the image ``cascade`` ran on last:
+    ``min(max_detections, its stage-1 candidate cap)`` (``max_detections`` before any run)."""
+    info = getattr(cascade, "last_stage1_info", None)
+    return int(max_detections if info is None else min(max_detections, info["cap"]))
+
+
 def outputs_to_tables(outputs: dict) -> list[pd.DataFrame]:
     """Cascade signature outputs (numpy or tensors, batch B) -> B ``Cascade.run``-style tables.
 
@@ -225,10 +232,12 @@ def verify(paths: dict, names: dict, cascade, settings: GraphSettings, image: np
 
     d = settings.max_detections
     want = reference_table(cascade, image, d)
+    cut = image_cut(cascade, d)
     loaded = tf.saved_model.load(str(paths[names["cascade"]]))
     got = outputs_to_tables(loaded.signatures[DEFAULT_SIGNATURE](
         **{IMAGES_KEY: tf.constant(image[None])}))[0]
-    ties = compare_tables(got, want, f"{names['cascade']} ({DEFAULT_SIGNATURE})", settings)
+    ties = compare_tables(got, want, f"{names['cascade']} ({DEFAULT_SIGNATURE})", settings,
+                          cut)
     del loaded
     if log:
         log(f"verified {names['cascade']}: {len(want)} candidates, "
@@ -243,7 +252,7 @@ def verify(paths: dict, names: dict, cascade, settings: GraphSettings, image: np
     count = int(out["num_detections"][0])
     compare_tables(_stage1_table(out["detection_boxes"][0, :count].numpy()[:, [1, 0, 3, 2]],
                                  out["detection_scores"][0, :count].numpy()),
-                   _stage1_table(boxes, scores), names["det"], settings)
+                   _stage1_table(boxes, scores), names["det"], settings, cut)
     del loaded
 
     height, width = image.shape[:2]
@@ -406,6 +415,9 @@ def format_summary(result: dict) -> str:
                  f"NMS IoU {s.nms_iou:g}, patch {s.patch}, stage-2 threshold "
                  f"{s.cls_threshold:g}, merge {s.merge_px:g} px, at most {s.max_detections} "
                  f"detections, images up to {s.max_pixels} px"
-                 + ("" if s.det_scale == 1.0 else f", stage 1 on images shrunk by {s.det_scale:g}"))
+                 + ("" if s.det_scale == 1.0 else f", stage 1 on images shrunk by {s.det_scale:g}")
+                 + ("" if not s.per_area else
+                    f", at most {s.max_candidates_per_mm2:g} candidates per mm^2 "
+                    f"({s.tile_cap(0)} per tile of {s.det_mpp:g} um/px)"))
     return "\n".join(lines)
 

@@ -4,6 +4,9 @@ Stage 1 runs Mdet on the whole image or on overlapping tiles. Each tile *owns* t
 up to the middle of its overlaps with its neighbours and keeps only those detections, so an
 object no larger than the overlap is taken from a tile holding it whole, never as a copy cut by
 a tile edge; class-agnostic NMS in image coordinates then merges whatever still overlaps.
+Where Mdet's input must be larger than the image (a multiple of 32, or one tile), the image is
+mirrored into the padding, and boxes mostly in the padding are dropped. Each Mdet call and
+each image keep at most :func:`candidate_cap` candidates for their area.
 Stage 2 scores a reflect-padded crop around each candidate centre. Each stage runs at its own
 pixel size (``det_mpp``, ``cls_mpp``; by default the one its training run's shards were prepared
 at): the image is resized by ``mpp / stage mpp`` for that stage, and boxes come back in input
@@ -27,9 +30,9 @@ from data_tools import sampling
 from data_tools.annotations import ICPR2012_MPP, IMAGE_EXTENSIONS
 from focas_keras.errors import InputError
 from focas_keras.inference.resize import resize_by
-from focas_keras.models.mclass import predict_proba
+from focas_keras.models.mclass import predict_proba, predict_proba_tta
 from focas_keras.models.mclass_config import MclassConfig
-from focas_keras.models.mdet import INPUT_MULTIPLE, Detector, load_mdet_run
+from focas_keras.models.mdet import INPUT_MULTIPLE, Detector, load_mdet_run, mirror_indices
 
 #: Columns of :meth:`Cascade.run`'s table.
 RESULT_COLUMNS = ["x", "y", "x1", "y1", "x2", "y2", "det_score", "cls_score", "accepted"]
@@ -67,6 +70,13 @@ class CascadeSettings:
             Box NMS at IoU 0.5 leaves offset boxes around one mitosis; each of their crops
             shows the mitosis, so stage 2 accepts them all. 30 px (7.4 um) is below the
             26-68 px size of a mitosis.
+        max_candidates_per_mm2: the stage-1 candidate cap per mm^2 of image (see
+            :func:`candidate_cap`): each Mdet call (the whole image or one tile) keeps at most
+            the cap of its own area, and an image at most the cap of its area, so a 512 px
+            tile and a 2084 px field no longer get the same fixed number. 2000 per mm^2 is
+            about 524 on a 2084 px ICPR 2012 field at 0.2456 um/px.
+        tta: stage 2 averages Mclass's probabilities over the 8 rotations/flips of each crop
+            (:func:`~focas_keras.models.mclass.predict_proba_tta`; 8x its cost).
     """
 
     mpp: float = ICPR2012_MPP
@@ -82,6 +92,8 @@ class CascadeSettings:
     cls_batch: int = 256
     nms_iou: float | None = None
     merge_px: float = 30.0
+    max_candidates_per_mm2: float = 2000.0
+    tta: bool = False
 
     def __post_init__(self):
         def integer(v, low=0):
@@ -111,7 +123,10 @@ class CascadeSettings:
              "an integer >= 1"),
             ("NMS IoU", self.nms_iou, True, number(self.nms_iou, 0, 1, open_low=True),
              "in (0, 1]"),
-            ("merge distance", self.merge_px, False, number(self.merge_px), ">= 0")]
+            ("merge distance", self.merge_px, False, number(self.merge_px), ">= 0"),
+            ("max candidates per mm^2", self.max_candidates_per_mm2, False,
+             number(self.max_candidates_per_mm2, open_low=True), "> 0"),
+            ("tta", self.tta, False, isinstance(self.tta, (bool, np.bool_)), "True or False")]
         for name, value, optional, valid, rule in rules:
             if not (valid or (optional and value is None)):
                 raise InputError(f"{name} must be {rule}, got {value!r}")
@@ -124,6 +139,27 @@ class CascadeSettings:
             if value is not None:
                 return float(value)
         return float(self.mpp)
+
+
+def candidate_cap(height_px: int, width_px: int, mpp: float, per_mm2: float) -> int:
+    """The most stage-1 candidates an image (or tile) of this size may keep.
+
+    ``ceil(per_mm2 * area_mm2)``, at least 1, with ``area_mm2 = height_px * width_px *
+    (mpp / 1000)^2``. A product within 1e-6 above an integer counts as that integer, so float
+    noise (0.25 mm^2 x 2000 = 500.0000000001) does not add a candidate. The exported graph
+    computes the same float64 expression (:mod:`focas_keras.export.graph`).
+
+    Args:
+        height_px, width_px: the size in pixels of ``mpp`` um.
+        mpp: pixel size (um/px).
+        per_mm2: candidates per mm^2 (> 0).
+    """
+    return max(1, math.ceil(height_px * width_px * candidate_density(mpp, per_mm2) - 1e-6))
+
+
+def candidate_density(mpp: float, per_mm2: float) -> float:
+    """Candidates per pixel of ``mpp`` um at ``per_mm2`` candidates per mm^2."""
+    return float(per_mm2) * (float(mpp) / 1000.0) ** 2
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -219,6 +255,14 @@ def run_det_threshold(det_run, which: str = "best", default: float = 0.0) -> flo
     return run_metric(det_run, "val_recall_threshold", which, default)
 
 
+def run_field_thresholds(cls_run, which: str = "best") -> tuple[float, float] | None:
+    """The (stage-1, stage-2) pair a ``train-cls`` run chose by the cascade's F1 on whole
+    validation fields (``mine --include-val``), or None when it had no such candidates."""
+    det = run_metric(cls_run, "val_cascade_det_threshold", which, default=-1.0)
+    cls_ = run_metric(cls_run, "val_cascade_cls_threshold", which, default=-1.0)
+    return None if det < 0 or cls_ < 0 else (det, cls_)
+
+
 def run_data_mpp(run_dir) -> float | None:
     """The pixel size (um/px) a training run's shards were rescaled to (``prepare
     --target-mpp``), from its ``run.json``; None when they kept the images' own."""
@@ -260,6 +304,11 @@ class Cascade:
         det_threshold, cls_threshold, nms_iou, patch: the resolved settings in use.
         det_mpp, cls_mpp: the resolved pixel size of each stage (um/px).
         det_scale, cls_scale: each stage's pixels per input pixel (``mpp / stage mpp``).
+        last_stage1_info: stage 1 of the last image run (None before the first):
+            ``{"candidates": n kept, "cap": the image's candidate_cap, "cap_bound": bool,
+            "calls": Mdet calls, "calls_at_cap": calls that returned their own cap}``.
+            ``cap_bound`` is True when the cap may have cut candidates: more than ``cap``
+            survived the final NMS, or some Mdet call returned as many as its own cap.
     """
 
     def __init__(self, det_model, det_config, cls_model, cls_config: MclassConfig,
@@ -282,7 +331,8 @@ class Cascade:
                                    else s.cls_threshold)
         self.nms_iou = float(inference.nms_iou if s.nms_iou is None else s.nms_iou)
         self.patch = int(cls_config.crop_size if s.patch is None else s.patch)
-        self._detector = None
+        self._detectors = {}  # {max_detections: Detector}, one per cap (per call size)
+        self.last_stage1_info = None
 
     @classmethod
     def from_runs(cls, det_run, cls_run, settings: CascadeSettings = CascadeSettings(),
@@ -311,26 +361,40 @@ class Cascade:
             cls_model = keras.saving.load_model(model_path, safe_mode=True)
         except (ValueError, OSError) as err:
             raise InputError(f"cannot load the model ({err})", model_path) from None
-        return cls(det_model, det_config, cls_model, cls_config, settings,
-                   max(MIN_AUTO_CLS_THRESHOLD, run_cls_threshold(cls_run, cls_which)),
-                   run_det_threshold(det_run, _pick_checkpoint(det_run, which)),
-                   run_data_mpp(det_run), run_data_mpp(cls_run))
+        field_pair = run_field_thresholds(cls_run, cls_which)
+        if field_pair is not None:  # chosen on whole validation fields: used as they are
+            det_default, cls_default = field_pair
+        else:
+            det_default = run_det_threshold(det_run, _pick_checkpoint(det_run, which))
+            cls_default = max(MIN_AUTO_CLS_THRESHOLD, run_cls_threshold(cls_run, cls_which))
+        return cls(det_model, det_config, cls_model, cls_config, settings, cls_default,
+                   det_default, run_data_mpp(det_run), run_data_mpp(cls_run))
 
     # ------------------------------------------------------------------ overridable models
 
-    def _detect_tiles(self, batch: np.ndarray) -> list:
-        """Mdet on float32 [N, h, w, 3] images in [0, 1]; per image (boxes (D, 4), scores)."""
-        if self._detector is None:
-            self._detector = Detector(self.det_model, self.det_config, self.det_threshold)
-        dets = self._detector(batch)
+    def _detect_tiles(self, batch: np.ndarray, max_detections: int, valid_size=None) -> list:
+        """Mdet on float32 [N, h, w, 3] images in [0, 1], at most ``max_detections`` each;
+        per image (boxes (D, 4), scores (D,)), best first.
+
+        ``valid_size`` (height, width): the top-left part of every image that is image, where
+        the rest is padding (an image smaller than a tile); None: all of it.
+        """
+        detector = self._detectors.get(max_detections)
+        if detector is None:
+            detector = Detector(self.det_model, self.det_config, self.det_threshold,
+                                max_detections=max_detections)
+            self._detectors[max_detections] = detector
+        dets = detector(batch, *(valid_size or (None, None)))
         counts = dets["num_detections"].numpy()
         boxes, scores = dets["boxes"].numpy(), dets["scores"].numpy()
         return [(boxes[i, :n], scores[i, :n]) for i, n in enumerate(counts)]
 
     def _classify(self, patches: np.ndarray) -> np.ndarray:
-        """Mclass probabilities of uint8 [N, P, P, 3] crops."""
-        return predict_proba(self.cls_model, patches, self.cls_config.model.input_size,
-                             self.settings.cls_batch)
+        """Mclass probabilities of uint8 [N, P, P, 3] crops (averaged over the 8 dihedral
+        transforms when ``settings.tta``)."""
+        predict = predict_proba_tta if self.settings.tta else predict_proba
+        return predict(self.cls_model, patches, self.cls_config.model.input_size,
+                       self.settings.cls_batch)
 
     # ------------------------------------------------------------------ stages
 
@@ -344,19 +408,44 @@ class Cascade:
                              f"{image.shape}")
         return resize_by(image, self.det_scale if stage == "det" else self.cls_scale)
 
+    def candidate_cap(self, height: int, width: int) -> int:
+        """:func:`candidate_cap` of ``height`` x ``width`` Mdet pixels (``det_mpp``)."""
+        return candidate_cap(height, width, self.det_mpp, self.settings.max_candidates_per_mm2)
+
+    def _detect_capped(self, batch: np.ndarray, cap: int, valid_size=None) -> list:
+        """:meth:`_detect_tiles`, each image's result cut to its ``cap`` best scores (an
+        override may return more); per image (boxes (D, 4), scores (D,), reached cap)."""
+        capped = []
+        for boxes, scores in self._detect_tiles(batch, cap, valid_size):
+            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+            scores = np.asarray(scores, np.float32).reshape(-1)
+            order = np.argsort(-scores, kind="stable")[:cap]
+            capped.append((boxes[order], scores[order], len(scores) >= cap))
+        return capped
+
     def _stage1_model(self, image: np.ndarray):
-        """Stage 1 on an image already in Mdet's pixels; boxes in those pixels."""
+        """Stage 1 on an image already in Mdet's pixels; boxes in those pixels.
+
+        Sets :attr:`last_stage1_info`.
+        """
         height, width = image.shape[:2]
         tile = self.settings.tile
-        found = []
+        found, at_cap = [], []
         if tile == 0:
-            boxes, scores = self._detect_tiles(image[None].astype(np.float32) / 255.0)[0]
-            found.append((np.asarray(boxes, np.float32), np.asarray(scores, np.float32)))
+            cap = self.candidate_cap(height, width)
+            boxes, scores, full = self._detect_capped(
+                image[None].astype(np.float32) / 255.0, cap)[0]
+            found.append((boxes, scores))
+            at_cap.append(full)
         else:
-            padded = image
-            if height < tile or width < tile:
-                padded = np.zeros((max(height, tile), max(width, tile), 3), np.uint8)
-                padded[:height, :width] = image
+            tile_cap = self.candidate_cap(tile, tile)
+            padded, valid = image, None
+            if height < tile or width < tile:  # mirrored, as Mdet pads whole images
+                rows = mirror_indices(height, max(height, tile))
+                cols = mirror_indices(width, max(width, tile))
+                padded = image[rows][:, cols]
+                # Every tile starts at 0 along a padded side, so all share this valid part.
+                valid = (min(height, tile), min(width, tile))
             ys = tile_starts(padded.shape[0], tile, self.settings.overlap)
             xs = tile_starts(padded.shape[1], tile, self.settings.overlap)
             y_own, x_own = _ownership(ys, tile), _ownership(xs, tile)
@@ -366,14 +455,19 @@ class Cascade:
                 chunk = cells[start:start + step]
                 batch = np.stack([padded[ys[i]:ys[i] + tile, xs[j]:xs[j] + tile]
                                   for i, j in chunk]).astype(np.float32) / 255.0
-                for (i, j), (boxes, scores) in zip(chunk, self._detect_tiles(batch)):
-                    boxes = np.asarray(boxes, np.float32).reshape(-1, 4) + np.array(
-                        [xs[j], ys[i], xs[j], ys[i]], np.float32)
+                for (i, j), (boxes, scores, full) in zip(
+                        chunk, self._detect_capped(batch, tile_cap, valid)):
+                    boxes = boxes + np.array([xs[j], ys[i], xs[j], ys[i]], np.float32)
                     cx = (boxes[:, 0] + boxes[:, 2]) / 2.0
                     cy = (boxes[:, 1] + boxes[:, 3]) / 2.0
+                    # The last rule repeats decode_detections' for a padded image (an
+                    # override of _detect_tiles may not know it): a box mostly in the
+                    # padding is dropped.
                     keep = ((cx >= x_own[j][0]) & (cx < x_own[j][1])
-                            & (cy >= y_own[i][0]) & (cy < y_own[i][1]))
-                    found.append((boxes[keep], np.asarray(scores, np.float32).reshape(-1)[keep]))
+                            & (cy >= y_own[i][0]) & (cy < y_own[i][1])
+                            & (cx <= width) & (cy <= height))
+                    found.append((boxes[keep], scores[keep]))
+                    at_cap.append(full)
         boxes = np.concatenate([b for b, _ in found]).reshape(-1, 4)
         scores = np.concatenate([s for _, s in found]).reshape(-1)
         boxes = np.stack([np.clip(boxes[:, 0], 0, width), np.clip(boxes[:, 1], 0, height),
@@ -381,12 +475,17 @@ class Cascade:
         keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
                 & (scores >= self.det_threshold))
         boxes, scores = boxes[keep].astype(np.float32), scores[keep].astype(np.float32)
-        if not len(boxes):
-            return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
-        order = tf.image.non_max_suppression(boxes[:, [1, 0, 3, 2]], scores,
-                                             max_output_size=len(boxes),
-                                             iou_threshold=self.nms_iou).numpy()
-        return boxes[order], scores[order]
+        order = np.zeros((0,), np.int64)
+        if len(boxes):
+            order = tf.image.non_max_suppression(boxes[:, [1, 0, 3, 2]], scores,
+                                                 max_output_size=len(boxes),
+                                                 iou_threshold=self.nms_iou).numpy()
+        cap = self.candidate_cap(height, width)
+        kept = order[:cap]  # NMS returns the best first
+        self.last_stage1_info = {"candidates": int(len(kept)), "cap": int(cap),
+                                 "cap_bound": bool(len(order) > cap or any(at_cap)),
+                                 "calls": len(at_cap), "calls_at_cap": int(sum(at_cap))}
+        return boxes[kept].reshape(-1, 4), scores[kept].reshape(-1)
 
     def _stage2_model(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Stage 2 on an image and boxes in Mclass's pixels."""
@@ -404,7 +503,8 @@ class Cascade:
 
         Returns:
             (boxes float32 (D, 4) x1, y1, x2, y2 input pixels, det_scores float32 (D,)), best
-            first, after the threshold and class-agnostic NMS.
+            first, after the threshold and class-agnostic NMS, at most the image's
+            :meth:`candidate_cap` (see :attr:`last_stage1_info`).
         """
         resized, sx, sy = self.model_image(image, "det")
         boxes, scores = self._stage1_model(resized)

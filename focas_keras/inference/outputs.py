@@ -223,11 +223,15 @@ def write_outputs(out_dir, results: dict, overlays: bool = True) -> pd.DataFrame
 
 
 def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: bool = True,
-                  overwrite: bool = False) -> pd.DataFrame:
+                  overwrite: bool = False, extra: dict | None = None) -> pd.DataFrame:
     """Runs the cascade on images and writes :func:`write_outputs`' files plus ``detect.json``.
 
     Images are processed one at a time (only tables are kept in memory). The output directory
     is assembled aside and renamed into place when complete, so a failure leaves nothing.
+    ``detect.json`` holds the settings (``max_candidates_per_mm2`` and ``tta`` among them),
+    the resolved thresholds and pixel sizes, and under ``stage1_cap`` each image's stage-1
+    candidates and cap (:attr:`Cascade.last_stage1_info`) and the ``cap_bound_images``, whose
+    candidates the per-area cap may have cut (raise ``--max-candidates-per-mm2`` for those).
 
     Args:
         cascade: a :class:`~focas_keras.inference.cascade.Cascade`.
@@ -237,6 +241,7 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
         overlays: write ``overlays/<image_id>.jpg``.
         progress: show a progress bar over images.
         overwrite: replace an existing output directory.
+        extra: more keys for ``detect.json`` (e.g. which bundled model ran).
 
     Returns:
         The counts table (one row per image).
@@ -257,10 +262,13 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
     files = list_inputs(inputs)
     mpp = float(cascade.settings.mpp)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        frames, rows = {}, []
+        frames, rows, stage1 = {}, [], {}
         for path in tqdm(files, desc="detect", unit="image", disable=not progress):
             image = load_image(path)
             df = cascade.run(image)
+            info = getattr(cascade, "last_stage1_info", None)
+            if info is not None:
+                stage1[path.stem] = dict(info)
             frames[path.stem] = df
             rows.append(count_row(path.stem, df, image.shape[1], image.shape[0], mpp))
             if overlays:
@@ -276,5 +284,13 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
             "images": {path.stem: str(path) for path in files},
             "totals": {"images": len(files), "candidates": int(counts.candidates.sum()),
                        "accepted": int(counts.accepted.sum())},
+            "stage1_cap": {
+                "max_candidates_per_mm2": getattr(cascade.settings, "max_candidates_per_mm2",
+                                                  None),
+                "cap_bound_images": [name for name, info in stage1.items()
+                                     if info["cap_bound"]],
+                "images": stage1,
+            },
+            **(extra or {}),
         })
     return counts

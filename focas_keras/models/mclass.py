@@ -108,6 +108,32 @@ def predict_proba(model, patches, size: int, batch_size: int = 256) -> np.ndarra
     return np.concatenate(scores).astype(np.float32)
 
 
+def predict_proba_tta(model, patches, size: int, batch_size: int = 256) -> np.ndarray:
+    """:func:`predict_proba` averaged over the 8 dihedral transforms of each patch.
+
+    Mitotic figures have no orientation in a section, so each rotation/flip is an equally
+    valid view; averaging the 8 probabilities smooths out the classifier's
+    orientation-specific errors, at 8x the cost. The transforms: ``np.rot90(p, k, axes=(1,
+    2))`` for k = 0..3 of the patches ``p`` and of ``p[:, :, ::-1]`` (flipped left-right); a
+    quarter turn swaps h and w, which :func:`resize_patches` then makes square again.
+
+    Args:
+        model, size, batch_size: as for :func:`predict_proba` (each transform runs in batches
+            of ``batch_size``).
+        patches: uint8 or float ``[N, h, w, 3]`` (NumPy); N may be 0.
+
+    Returns:
+        float32 ``[N]``, the mean of the 8 probabilities.
+    """
+    patches = np.asarray(patches)
+    if patches.shape[0] == 0:
+        return np.zeros([0], np.float32)
+    views = [np.rot90(p, k, axes=(1, 2)) for p in (patches, patches[:, :, ::-1])
+             for k in range(4)]
+    probs = [predict_proba(model, np.ascontiguousarray(v), size, batch_size) for v in views]
+    return np.mean(np.stack(probs), axis=0).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- weight files
 
 

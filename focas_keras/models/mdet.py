@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from focas_keras.losses.fsaf import decode_tblr, fsaf_loss, level_layout
@@ -100,16 +101,23 @@ def _level_topk(scores, boxes, sizes, k):
 
 
 def decode_detections(outputs: dict, height: int, width: int, config: MdetConfig,
-                      valid_height=None, valid_width=None, score_threshold=None) -> dict:
+                      valid_height=None, valid_width=None, score_threshold=None,
+                      max_detections=None) -> dict:
     """Decodes both branches, keeps top-k per level, merges, runs class-agnostic NMS.
 
     Args:
         outputs: the model's output dict for B images of the (padded) size height x width.
         height, width: python ints.
         config: gives the inference settings.
-        valid_height, valid_width: the unpadded size; boxes are clipped to it (default: the
-            padded size).
+        valid_height, valid_width: the unpadded size (python numbers or scalar tensors);
+            boxes are clipped to it (default: the padded size). When given, a box more than
+            half of whose height or width lies outside it (its centre is outside ``[0, W] x
+            [0, H]``) is dropped before NMS: in a mirror-padded input it is the twin of a box
+            inside, and clipped it would be a sliver along the border taking one of the
+            ``max_detections`` places. So is a box left without area by the clipping.
         score_threshold: overrides ``config.inference.score_threshold``.
+        max_detections: python int, the detections kept per image; None:
+            ``config.inference.max_detections``.
 
     Returns:
         dict with ``boxes`` float32 [B, D, 4] (x1, y1, x2, y2 input pixels), ``scores`` [B, D],
@@ -117,6 +125,9 @@ def decode_detections(outputs: dict, height: int, width: int, config: MdetConfig
     """
     inf = config.inference
     threshold = inf.score_threshold if score_threshold is None else score_threshold
+    cap = int(inf.max_detections if max_detections is None else max_detections)
+    if cap < 1:
+        raise ValueError(f"max_detections must be >= 1, got {cap}")
     all_scores, all_boxes = [], []
     shapes = levels.level_shapes(height, width, config.strides)
     if "anchor_cls" in outputs:
@@ -142,34 +153,85 @@ def decode_detections(outputs: dict, height: int, width: int, config: MdetConfig
         all_boxes += b
     scores = tf.concat(all_scores, axis=1)
     boxes = tf.concat(all_boxes, axis=1)
-    vh = float(height if valid_height is None else valid_height)
-    vw = float(width if valid_width is None else valid_width)
+    vh = tf.cast(height if valid_height is None else valid_height, tf.float32)
+    vw = tf.cast(width if valid_width is None else valid_width, tf.float32)
+    inside = centre_inside(boxes, vh, vw)  # before clipping moves the centres
     boxes = tf.stack([tf.clip_by_value(boxes[..., 0], 0.0, vw),
                       tf.clip_by_value(boxes[..., 1], 0.0, vh),
                       tf.clip_by_value(boxes[..., 2], 0.0, vw),
                       tf.clip_by_value(boxes[..., 3], 0.0, vh)], axis=-1)
+    if valid_height is not None or valid_width is not None:
+        # The cascade drops boxes without area anyway; here they would take places first.
+        keep = inside & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+        # Scores are sigmoids >= 0 and the threshold is >= 0, so -1 always falls below it.
+        scores = tf.where(keep, scores, -1.0)
     # combined_non_max_suppression wants (y1, x1, y2, x2); it pads to max_total_size.
     yx = tf.gather(boxes, [1, 0, 3, 2], axis=-1)
     nms = tf.image.combined_non_max_suppression(
-        yx[:, :, None, :], scores[:, :, None], max_output_size_per_class=inf.max_detections,
-        max_total_size=inf.max_detections, iou_threshold=inf.nms_iou,
+        yx[:, :, None, :], scores[:, :, None], max_output_size_per_class=cap,
+        max_total_size=cap, iou_threshold=inf.nms_iou,
         score_threshold=threshold, clip_boxes=False)
     out_boxes = tf.gather(nms.nmsed_boxes, [1, 0, 3, 2], axis=-1)
     return {"boxes": out_boxes, "scores": nms.nmsed_scores,
             "num_detections": tf.cast(nms.valid_detections, tf.int32)}
 
 
-def pad_to_stride(images, stride: int):
-    """Zero-pads [B, H, W, 3] images at the bottom/right to multiples of ``stride``.
+def centre_inside(boxes, height, width):
+    """bool [...]: which x1, y1, x2, y2 ``boxes`` [..., 4] have their centre in the closed
+    rectangle ``[0, width] x [0, height]`` (at least half of the box inside, per axis)."""
+    cx = (boxes[..., 0] + boxes[..., 2]) / 2.0
+    cy = (boxes[..., 1] + boxes[..., 3]) / 2.0
+    return (cx >= 0.0) & (cx <= width) & (cy >= 0.0) & (cy <= height)
+
+
+def mirror_indices(length, size):
+    """Source indices of a side of ``length`` px mirrored out to ``size`` px at its end.
+
+    The half-sample (edge-repeating, NumPy ``symmetric``) mirror, continued periodically
+    (period ``2 * length``) where ``size`` exceeds twice ``length``: what repeated
+    ``tf.pad(mode="SYMMETRIC")`` gives, for any pad. Works on python/NumPy ints (NumPy result)
+    and on int32 scalar tensors (tensor result), with the same arithmetic.
 
     Returns:
-        (padded images, (H, W) original python ints when static).
+        int [size] indices into ``[0, length)``; the first ``length`` are ``0 .. length - 1``.
+    """
+    if isinstance(length, tf.Tensor) or isinstance(size, tf.Tensor):
+        i = tf.range(size) % (2 * length)
+        return tf.where(i < length, i, 2 * length - 1 - i)
+    i = np.arange(size) % (2 * length)
+    return np.where(i < length, i, 2 * length - 1 - i)
+
+
+def mirror_pad(images, height: int, width: int):
+    """Mirrors [B, H, W, C] images at the bottom/right out to ``height`` x ``width``.
+
+    Static sizes only (python ints); see :func:`mirror_indices` for the mirror. A dark border
+    of zeros would look like tissue edges to Mdet, which then spends its candidates on it.
+    """
+    h, w = images.shape[1], images.shape[2]
+    if (h, w) == (height, width):
+        return images
+    if height <= 2 * h and width <= 2 * w:  # one mirror step: tf.pad's own op
+        return tf.pad(images, [[0, 0], [0, height - h], [0, width - w], [0, 0]],
+                      mode="SYMMETRIC")
+    images = tf.gather(images, mirror_indices(h, height), axis=1)
+    return tf.gather(images, mirror_indices(w, width), axis=2)
+
+
+def pad_to_stride(images, stride: int):
+    """Mirror-pads [B, H, W, 3] images at the bottom/right to multiples of ``stride``.
+
+    See :func:`mirror_pad`: the padding repeats the image next to it, so the border of a
+    field (e.g. 1042 px, padded to 1056) is no darker than its inside.
+
+    Returns:
+        (padded images [B, H', W', 3], (H, W) original python ints when static).
     """
     height, width = images.shape[1], images.shape[2]
     pad_h = (-height) % stride
     pad_w = (-width) % stride
     if pad_h or pad_w:
-        images = tf.pad(images, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+        images = mirror_pad(images, height + pad_h, width + pad_w)
     return images, (height, width)
 
 
@@ -179,10 +241,18 @@ def pad_to_stride(images, stride: int):
 INPUT_MULTIPLE = 32
 
 
-def detect_batch(model: keras.Model, images, config: MdetConfig, score_threshold=None) -> dict:
+def detect_batch(model: keras.Model, images, config: MdetConfig, score_threshold=None,
+                 max_detections=None, valid_height=None, valid_width=None) -> dict:
     """Runs Mdet on a batch of float [B, H, W, 3] images in [0, 1] of any size.
 
-    The batch is zero-padded at the bottom/right to a multiple of :data:`INPUT_MULTIPLE`.
+    The batch is mirror-padded at the bottom/right to a multiple of :data:`INPUT_MULTIPLE`
+    (:func:`pad_to_stride`).
+
+    Args:
+        max_detections: detections kept per image (None: the config's).
+        valid_height, valid_width: the part of the images that is image, not padding the
+            caller added (python ints or scalar tensors; default: H, W); see
+            :func:`decode_detections`.
 
     Returns:
         :func:`decode_detections` output in the unpadded image's pixels.
@@ -191,8 +261,9 @@ def detect_batch(model: keras.Model, images, config: MdetConfig, score_threshold
     padded, (height, width) = pad_to_stride(images, INPUT_MULTIPLE)
     outputs = model(padded, training=False)
     return decode_detections(outputs, padded.shape[1], padded.shape[2], config,
-                             valid_height=height, valid_width=width,
-                             score_threshold=score_threshold)
+                             valid_height=height if valid_height is None else valid_height,
+                             valid_width=width if valid_width is None else valid_width,
+                             score_threshold=score_threshold, max_detections=max_detections)
 
 
 class Detector:
@@ -207,24 +278,38 @@ class Detector:
         model: a built Mdet.
         config: its :class:`MdetConfig`.
         score_threshold: overrides ``config.inference.score_threshold``.
+        max_detections: detections kept per image (D of the outputs); None:
+            ``config.inference.max_detections``.
     """
 
-    def __init__(self, model: keras.Model, config: MdetConfig, score_threshold=None):
+    def __init__(self, model: keras.Model, config: MdetConfig, score_threshold=None,
+                 max_detections: int | None = None):
         self.model, self.config = model, config
         self.score_threshold = score_threshold
+        self.max_detections = int(config.inference.max_detections if max_detections is None
+                                  else max_detections)
+        if self.max_detections < 1:
+            raise ValueError(f"max_detections must be >= 1, got {max_detections}")
         self._compiled = tf.function(self._forward, autograph=False)
 
     def _forward(self, padded, height: int, width: int):
         outputs = self.model(padded, training=False)
         return decode_detections(outputs, padded.shape[1], padded.shape[2], self.config,
                                  valid_height=height, valid_width=width,
-                                 score_threshold=self.score_threshold)
+                                 score_threshold=self.score_threshold,
+                                 max_detections=self.max_detections)
 
-    def __call__(self, images) -> dict:
-        """Like :func:`detect_batch`: float [B, H, W, 3] images in [0, 1] of any size."""
+    def __call__(self, images, valid_height: int | None = None,
+                 valid_width: int | None = None) -> dict:
+        """Like :func:`detect_batch`: float [B, H, W, 3] images in [0, 1] of any size.
+
+        ``valid_height``/``valid_width`` (python ints, default H, W): the part that is image
+        where the caller padded the images itself (see :func:`decode_detections`).
+        """
         images = tf.convert_to_tensor(images, tf.float32)
         padded, (height, width) = pad_to_stride(images, INPUT_MULTIPLE)
-        return self._compiled(padded, height, width)
+        return self._compiled(padded, int(height if valid_height is None else valid_height),
+                              int(width if valid_width is None else valid_width))
 
     def detect_image(self, image):
         """Like :func:`detect_image` for one uint8 RGB (H, W, 3) image."""

@@ -138,6 +138,9 @@ def preset(name: str) -> MdetConfig:
     ``paper``: ResNet-50 + CBAM + GN/WS, FPN P3-P7 256, hybrid head, 224 px tiles, SGD lr 0.004
     momentum 0.9 wd 1e-4, 800 warm-up steps, decay x0.1 at epochs 16 and 19, clip 10, 20 epochs.
     ``tiny``: the same architecture family shrunk for a few CPU minutes (tests, demo).
+    ``cpu``: sized for the whole-field recipe on a 2-core CPU: ResNet-18 at half width (CBAM,
+    GN+WS), FPN P3-P5 with 64 channels, towers of 2, Adam lr 1e-3, 12 epochs (about 4x
+    ``tiny``'s cost per step; see experiments/RESULTS.md for measured steps/s).
     """
     if name == "paper":
         return MdetConfig().validate()
@@ -150,4 +153,17 @@ def preset(name: str) -> MdetConfig:
                               warmup_steps=20, decay_epochs=(), clip_norm=10.0, epochs=6,
                               batch_size=8),
         ).validate()
-    raise InputError(f"unknown preset '{name}' (known: paper, tiny)")
+    if name == "cpu":
+        return MdetConfig(
+            backbone=BackboneConfig(depth=18, norm="gn", ws=True, cbam=True, width=0.5),
+            fpn=FPNConfig(channels=64, min_level=3, max_level=5),
+            head=HeadConfig(tower_depth=2, base_sizes=(24, 48, 96)),
+            train=TrainConfig(optimizer="adam", learning_rate=1e-3, weight_decay=0.0,
+                              warmup_steps=50, decay_epochs=(9,), clip_norm=10.0, epochs=12,
+                              batch_size=8),
+        ).validate()
+    raise InputError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
+
+
+#: Names :func:`preset` knows.
+PRESETS = ("paper", "tiny", "cpu")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from focas_keras.data import pipeline
+from focas_keras.data import pipeline, records
 from focas_keras.data.augment import AugmentConfig
 from focas_keras.errors import InputError
 from focas_keras.models.mclass import build_mclass, load_init_weights, resize_patches
@@ -92,12 +92,68 @@ def validate(model, data_dir, batch_size: int, size: int) -> dict:
             **threshold_metrics(labels, scores)}
 
 
+def mined_val_candidates(data_dir, manifest: dict) -> dict | None:
+    """The validation fields' stage-1 candidates (``mine --include-val``), decoded once.
+
+    Returns:
+        None when there are none, else ``images`` uint8 (N, P, P, 3), ``image_ids`` (N,) str,
+        ``centres`` (N, 2) float64, ``det_scores`` (N,) float64, ``truth`` {image_id: (G, 2)}
+        and ``mpp`` (the patches' pixel size).
+    """
+    mining = manifest.get("mining") or {}
+    entries = [e for e in pipeline.shard_entries(manifest, records.CLS, "val")
+               if e.get("source") == "mined" and e["records"] > 0]
+    if not entries or mining.get("val_truth") is None:
+        return None
+    size = int(manifest["patch_size"])
+    files = [str(Path(data_dir) / e["path"]) for e in entries]
+    images, ids, centres, scores = [], [], [], []
+    for example in tf.data.TFRecordDataset(files).map(lambda x: records.parse_cls(x, size)):
+        images.append(example["image"].numpy())
+        ids.append(example["image_id"].numpy().decode())
+        centres.append(example["center"].numpy().astype(np.float64))
+        scores.append(float(example["score"].numpy()))
+    mpp = mining.get("val_mpp")
+    return {"images": np.stack(images), "image_ids": np.asarray(ids),
+            "centres": np.stack(centres), "det_scores": np.asarray(scores, np.float64),
+            "truth": {k: np.asarray(v, np.float64).reshape(-1, 2)
+                      for k, v in mining["val_truth"].items()},
+            "mpp": float(mpp) if mpp is not None else None}
+
+
+def cascade_validator(candidates: dict, size: int, batch_size: int = 256):
+    """A ``model -> metrics`` function: the cascade's best-F1 threshold pair on the whole
+    validation fields, from Mclass's scores of their stage-1 candidates with the point merge
+    (:func:`focas_keras.evaluation.fields.cascade_metrics`)."""
+    from data_tools.annotations import ICPR2012_MPP
+    from focas_keras.evaluation.fields import candidate_table, cascade_metrics
+    from focas_keras.models.mclass import predict_proba
+
+    mpp = candidates["mpp"] or ICPR2012_MPP
+
+    def validate(model) -> dict:
+        probs = np.asarray(predict_proba(model, candidates["images"], size, batch_size),
+                           np.float64).reshape(-1)
+        per_image = {image_id: ([], [], []) for image_id in candidates["truth"]}
+        for image_id in np.unique(candidates["image_ids"]):
+            rows = candidates["image_ids"] == image_id
+            per_image[image_id] = (candidates["centres"][rows], candidates["det_scores"][rows],
+                                   probs[rows])
+        return cascade_metrics(candidates["truth"], candidate_table(per_image), mpp)
+
+    return validate
+
+
 def _describe(metrics: dict) -> str:
     text = f"loss {metrics['loss_total']:.4f}"
     if "val_auc" in metrics:
         text += (f", val loss {metrics['val_loss']:.4f} AUC {metrics['val_auc']:.3f} "
                  f"P {metrics['val_precision']:.3f} R {metrics['val_recall']:.3f} "
                  f"F1 {metrics['val_f1']:.3f} at {metrics['val_best_threshold']:.2f}")
+    if "val_cascade_f1" in metrics:
+        text += (f"; cascade on whole val fields: F1 {metrics['val_cascade_f1']:.3f} "
+                 f"(det >= {metrics['val_cascade_det_threshold']:.3f}, Mclass >= "
+                 f"{metrics['val_cascade_cls_threshold']:.3f})")
     return text
 
 
@@ -149,6 +205,22 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
             positive_share=t.positive_share, seed=t.seed * 100003 + epoch, deterministic=True,
             drop_remainder=True, verify=False).take(steps), size)
 
+    candidates = mined_val_candidates(data_dir, manifest) if has_val else None
+    validators = [lambda model: validate(model, data_dir, 256, size)] if has_val else []
+    if candidates is not None:
+        validators.append(cascade_validator(candidates, size))
+
+    def validate_all(model) -> dict:
+        metrics = {}
+        for validator in validators:
+            metrics.update(validator(model))
+        return metrics
+
+    def score(metrics) -> float:
+        if candidates is not None:  # the cascade on whole fields; AUC breaks ties
+            return metrics["val_cascade_f1"] + 1e-3 * metrics["val_auc"]
+        return metrics["val_auc"] if has_val else -metrics["loss_total"]
+
     spec = LoopSpec(
         identity={"kind": "mclass", "config": config.to_dict(), "data": str(data_dir.resolve()),
                   "data_shards": digests,
@@ -156,6 +228,5 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
                   **pipeline.data_mpp_identity(manifest)},
         config_json=config.to_json(), train=t, steps_per_epoch=steps, build_model=build,
         losses=losses, train_dataset=train_dataset,
-        validate=(lambda model: validate(model, data_dir, 256, size)) if has_val else None,
-        score=lambda m: m["val_auc"] if has_val else -m["loss_total"], describe=_describe)
+        validate=validate_all if validators else None, score=score, describe=_describe)
     return run_training(spec, run_dir, devices, log)

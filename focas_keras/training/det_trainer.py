@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from focas_keras.data import pipeline
+from focas_keras.data import pipeline, records
 from focas_keras.data.augment import AugmentConfig
 from focas_keras.errors import InputError
 from focas_keras.evaluation.matching import (Counts, best_f1_threshold, count_matches,
@@ -69,12 +69,63 @@ def make_validator(config: MdetConfig, data_dir, batch_size: int):
     return validate
 
 
+#: Candidates per mm2 stage 1 may hand on while validating on whole fields (the cascade's
+#: default, :attr:`focas_keras.inference.cascade.CascadeSettings.max_candidates_per_mm2`).
+FIELD_CANDIDATES_PER_MM2 = 2000.0
+
+
+def make_field_validator(config: MdetConfig, fields: list,
+                         per_mm2: float = FIELD_CANDIDATES_PER_MM2):
+    """A ``model -> metrics`` function over whole validation fields (``prepare --val-fields``).
+
+    Mdet runs on each whole field as ``detect`` runs it (mirror-padded, compiled once per
+    field size, at most ``per_mm2`` candidates per mm2, the inference threshold); the metrics
+    are :func:`focas_keras.evaluation.fields.stage1_metrics`: the best-F1 stage-1 cut with the
+    cascade's point merge, the share of mitoses with a candidate, and the candidate density.
+    """
+    from focas_keras.evaluation.fields import candidate_table, stage1_metrics
+    from focas_keras.inference.cascade import candidate_cap
+    from focas_keras.models.mdet import Detector
+
+    mpp = float(np.median([f["mpp"] for f in fields]))
+    truth = {f["image_id"]: f["points"] for f in fields}
+    area = sum(f["image"].shape[0] * f["image"].shape[1] for f in fields) * (mpp / 1000) ** 2
+    detectors = {}
+
+    def validate(model) -> dict:
+        per_image = {}
+        for field in fields:
+            height, width = field["image"].shape[:2]
+            cap = candidate_cap(height, width, field["mpp"], per_mm2)
+            key = (id(model), cap)
+            if key not in detectors:
+                detectors[key] = Detector(model, config, max_detections=cap)
+            boxes, scores = detectors[key].detect_image(field["image"])
+            per_image[field["image_id"]] = (_centres(np.asarray(boxes).reshape(-1, 4)),
+                                            scores, None)
+        return stage1_metrics(truth, candidate_table(per_image), mpp, area)
+
+    return validate
+
+
 def _describe(metrics: dict) -> str:
     text = f"loss {metrics['loss_total']:.4f}"
     if "val_f1" in metrics:
         text += (f", val loss {metrics['val_loss']:.4f} P {metrics['val_precision']:.3f} "
                  f"R {metrics['val_recall']:.3f} F1 {metrics['val_f1']:.3f}")
+    if "val_field_f1" in metrics:
+        text += (f"; whole val fields: F1 {metrics['val_field_f1']:.3f} (stage 1 + merge), "
+                 f"candidates reach {metrics['val_field_candidate_recall']:.3f} of mitoses, "
+                 f"{metrics['val_field_candidates_per_mm2']:.0f}/mm2")
     return text
+
+
+def _score(metrics: dict, has_val: bool, has_fields: bool) -> float:
+    """Model selection: whole-field stage-1 F1 when whole fields exist (candidate recall breaks
+    ties), else tile F1, else the negative training loss."""
+    if has_fields:
+        return metrics["val_field_f1"] + 1e-3 * metrics["val_field_candidate_recall"]
+    return metrics["val_f1"] if has_val else -metrics["loss_total"]
 
 
 def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) -> dict:
@@ -115,11 +166,29 @@ def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) ->
                                     deterministic=True, max_boxes=t.max_boxes,
                                     drop_remainder=True, verify=False).take(steps)
 
+    validators = [make_validator(config, data_dir, t.batch_size)] if has_val else []
+    has_fields = pipeline.has_records(manifest, records.FIELD, "val")
+    identity = {"kind": "mdet", "config": config.to_dict(), "data": str(data_dir.resolve()),
+                "data_shards": digests, **pipeline.data_mpp_identity(manifest)}
+    if has_fields:
+        field_entries = pipeline.shard_entries(manifest, records.FIELD, "val")
+        pipeline.verify_shards(data_dir, field_entries)
+        identity["field_shards"] = [e["sha256"] for e in field_entries]
+        validators.append(make_field_validator(
+            config, pipeline.read_fields(data_dir, "val", verify=False)))
+
+    def validate(model) -> dict:
+        metrics = {}
+        for validator in validators:
+            metrics.update(validator(model))
+        if has_fields:
+            # detect's default stage-1 cut: keep every mitosis stage 1 reaches on whole fields
+            metrics["val_recall_threshold"] = metrics["val_field_recall_threshold"]
+        return metrics
+
     spec = LoopSpec(
-        identity={"kind": "mdet", "config": config.to_dict(), "data": str(data_dir.resolve()),
-                  "data_shards": digests, **pipeline.data_mpp_identity(manifest)},
-        config_json=config.to_json(), train=t, steps_per_epoch=steps,
+        identity=identity, config_json=config.to_json(), train=t, steps_per_epoch=steps,
         build_model=lambda: build_mdet(config), losses=losses, train_dataset=train_dataset,
-        validate=make_validator(config, data_dir, t.batch_size) if has_val else None,
-        score=lambda m: m["val_f1"] if has_val else -m["loss_total"], describe=_describe)
+        validate=validate if validators else None,
+        score=lambda m: _score(m, has_val, has_fields), describe=_describe)
     return run_training(spec, run_dir, devices, log)

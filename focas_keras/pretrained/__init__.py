@@ -1,0 +1,185 @@
+"""Pretrained cascades shipped inside the package (no download): find, verify and load them.
+
+Each bundled model is a directory ``focas_keras/pretrained/<name>/`` holding the two training
+runs it was made from (``det/`` and ``cls/``: ``model.keras``, ``config.json``, ``run.json``),
+``card.json`` (what it was trained on, how, the thresholds to use, the cross-validated estimate,
+the sha256 of every file, and reference detections on the bundled sample field) and the same
+card for people, ``MODEL_CARD.md``. ``sample/`` holds one real field to try it on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import json
+from pathlib import Path
+
+from focas_keras.errors import InputError
+
+#: The model ``detect`` and ``export`` use when no ``--det``/``--cls`` is given.
+DEFAULT = "icpr2012_cpu"
+#: The bundled sample field (ICPR 2012 scanner A, A03_00) and its mitosis centroids.
+SAMPLE = "A03_00.jpg"
+CITATION = ("Roux L, Racoceanu D, Lomenie N, et al. Mitosis detection in breast cancer "
+            "histological images. An ICPR 2012 contest. J Pathol Inform 2013;4:8.")
+
+
+def _root() -> Path:
+    return Path(str(importlib.resources.files(__name__)))
+
+
+def names() -> list[str]:
+    """The bundled models (directories with a ``card.json``), sorted."""
+    root = _root()
+    return sorted(p.name for p in root.iterdir() if (p / "card.json").is_file())
+
+
+def model_dir(name: str = DEFAULT) -> Path:
+    """The directory of bundled model ``name``; InputError when there is no such model."""
+    path = _root() / name
+    if not (path / "card.json").is_file():
+        known = ", ".join(names()) or "none"
+        raise InputError(f"no bundled model '{name}' (bundled: {known})")
+    return path
+
+
+def sample_field() -> Path:
+    """The bundled real sample field (with its ``.csv`` of mitosis centroids beside it)."""
+    return _root() / "sample" / SAMPLE
+
+
+def load_card(name: str = DEFAULT) -> dict:
+    """The ``card.json`` of a bundled model."""
+    return json.loads((model_dir(name) / "card.json").read_text(encoding="utf-8"))
+
+
+def verify(name: str = DEFAULT) -> None:
+    """Checks every file the card lists against its sha256 (InputError naming the first bad
+    one), so a damaged install is reported before it gives wrong detections."""
+    from focas_keras.io import sha256_file
+
+    root, card = model_dir(name), load_card(name)
+    for relative, digest in sorted(card["files"].items()):
+        path = root / relative
+        if not path.is_file():
+            raise InputError("bundled model file missing", path)
+        if sha256_file(path) != digest:
+            raise InputError("bundled model file fails its sha256 checksum", path)
+
+
+@contextlib.contextmanager
+def runs(name: str = DEFAULT):
+    """``with runs() as (det_run, cls_run, card):`` the two run directories (verified)."""
+    verify(name)
+    root = model_dir(name)
+    yield root / "det", root / "cls", load_card(name)
+
+
+def settings_from_card(card: dict, **overrides):
+    """:class:`~focas_keras.inference.cascade.CascadeSettings` with the card's thresholds, TTA
+    and merge distance; ``overrides`` (not None) win."""
+    from focas_keras.inference.cascade import CascadeSettings
+
+    t = card["thresholds"]
+    values = {"det_threshold": t["det_threshold"], "cls_threshold": t["cls_threshold"],
+              "merge_px": t.get("merge_px", 30.0), "tta": bool(t.get("tta", False))}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return CascadeSettings(**values)
+
+
+def load_cascade(name: str = DEFAULT, **overrides):
+    """The bundled cascade, ready to run (:class:`~focas_keras.inference.cascade.Cascade`)."""
+    from focas_keras.inference.cascade import Cascade
+
+    with runs(name) as (det, cls, card):
+        return Cascade.from_runs(det, cls, settings_from_card(card, **overrides), which="model")
+
+
+def reference_detections(bundle: Path, image_path: Path) -> dict:
+    """What the cascade in ``bundle`` (card thresholds) accepts on one image: recorded in the
+    card and checked by the tests (positions in px, scores)."""
+    from data_tools.annotations import load_image
+    from focas_keras.inference.cascade import Cascade
+
+    card = json.loads((Path(bundle) / "card.json").read_text(encoding="utf-8"))
+    cascade = Cascade.from_runs(Path(bundle) / "det", Path(bundle) / "cls",
+                                settings_from_card(card), which="model")
+    table = cascade.run(load_image(image_path))
+    accepted = table[table["accepted"]]
+    return {"image": Path(image_path).name, "candidates": int(len(table)),
+            "accepted": [[round(float(r.x), 3), round(float(r.y), 3), round(float(r.det_score), 6),
+                          round(float(r.cls_score), 6)] for r in accepted.itertuples()],
+            "columns": ["x", "y", "det_score", "cls_score"]}
+
+
+def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
+              train_seconds: float, date: str) -> dict:
+    """The machine-readable card of a model trained by ``experiments/train_bundled.py``."""
+    cv = thresholds["cv"]
+    return {
+        "name": name, "date": date, "preset": preset, "seed": seed,
+        "data": {"name": "ICPR 2012 MITOSIS contest, scanner A (Aperio XT), 15 test HPFs",
+                 "fields": 15, "mitoses": 101, "slides": ["A00", "A01", "A02", "A03", "A04"],
+                 "licence": "research use; cite the contest paper", "citation": CITATION},
+        "pixel_sizes_um": {"input": 0.2456, "mdet": 0.4912, "mclass_crops": 0.2456},
+        "recipe": cv["recipe"],
+        "command": command,
+        "train_seconds": train_seconds,
+        "thresholds": {"det_threshold": thresholds["det_threshold"],
+                       "cls_threshold": thresholds["cls_threshold"], "merge_px": 30.0,
+                       "tta": thresholds["tta"],
+                       "chosen_on": "pooled out-of-fold predictions of the 5-fold "
+                                    "leave-one-slide-out CV (all 101 mitoses)",
+                       "oof_f1_at_pair": thresholds["oof_f1_at_pair"]},
+        "cv_estimate": {"protocol": "leave-one-slide-out, 5 folds, thresholds for each "
+                                    "held-out slide chosen on the other folds' pooled "
+                                    "out-of-fold predictions",
+                        "pooled": cv["pooled"]["cascade_tta" if thresholds["tta"]
+                                              else "cascade"],
+                        "candidate_recall": cv["candidate_recall"]},
+        "limits": ["one scanner (Aperio XT) and one tissue type (breast cancer, H&E) from one "
+                   "lab: expect lower accuracy on other scanners, stains and tissues",
+                   "15 fields, 101 mitoses: the CV estimate has wide error bars",
+                   "trained on the bundled sample field itself: its detections are a "
+                   "regression check, not evidence",
+                   f"preset '{preset}' (sized for a 2-core CPU), not the paper's ResNet-50"],
+    }
+
+
+def card_markdown(card: dict) -> str:
+    """``MODEL_CARD.md``: the card for people."""
+    t, cv = card["thresholds"], card["cv_estimate"]
+    p = cv["pooled"]
+    lines = [
+        f"# Model card: {card['name']}", "",
+        f"FoCasNet cascade (Mdet + Mclass), preset `{card['preset']}`, seed {card['seed']}, "
+        f"trained {card['date']} in {card['train_seconds'] / 60:.0f} min on a 2-core CPU.", "",
+        "## Data", "",
+        f"{card['data']['name']}: {card['data']['fields']} fields of 2084 x 2084 px, "
+        f"{card['data']['mitoses']} mitoses (centroids), slides "
+        f"{', '.join(card['data']['slides'])}. Licence: {card['data']['licence']}.", "",
+        f"Cite: {card['data']['citation']}", "",
+        "## Pixel sizes", "",
+        f"Input fields at {card['pixel_sizes_um']['input']} um/px; Mdet runs at "
+        f"{card['pixel_sizes_um']['mdet']} um/px (the field shrunk 2x), Mclass scores 112 px "
+        f"crops at {card['pixel_sizes_um']['mclass_crops']} um/px. Give `detect --mpp` for "
+        "fields at another pixel size.", "",
+        "## Recipe", "", card["recipe"] + ".", "",
+        f"Reproduce: `{card['command']}`.", "",
+        "## Thresholds", "",
+        f"Stage 1 >= {t['det_threshold']:.4f}, Mclass >= {t['cls_threshold']:.4f}, merge "
+        f"{t['merge_px']:g} px, Mclass TTA {'on' if t['tta'] else 'off'}; chosen on "
+        f"{t['chosen_on']}.", "",
+        "## Cross-validated estimate", "",
+        f"{cv['protocol']}: TP {p['tp']}, FP {p['fp']}, FN {p['fn']}, precision "
+        f"{p['precision']:.3f}, recall {p['recall']:.3f}, **F1 {p['f1']:.3f}**; stage-1 "
+        f"candidates reach {cv['candidate_recall']:.3f} of the mitoses. This estimates the "
+        "recipe (models trained on 12 fields), not this model (15 fields).", "",
+        "## Known limits", ""] + [f"- {item}" for item in card["limits"]] + [
+        "", "## Files (sha256)", ""] + [f"- `{k}`: `{v}`" for k, v in
+                                         sorted(card["files"].items())]
+    if "reference" in card:
+        ref = card["reference"]
+        lines += ["", f"Reference on the sample field `{ref['image']}`: {ref['candidates']} "
+                      f"candidates, {len(ref['accepted'])} accepted (listed in card.json)."]
+    return "\n".join(lines) + "\n"
