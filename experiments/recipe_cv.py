@@ -209,6 +209,29 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
     return result
 
 
+def run_final_detections(fold, args, work: Path, results: Path) -> None:
+    """Ablation of checkpoint selection: the held-out slide again with each run's FINAL
+    weights (``detect --which model``) instead of the ones selected on the validation
+    fields; cached as ``oof/<slide>_final_{plain,tta}.csv``."""
+    from focas_keras.evaluation import evaluate as ev
+
+    fold_dir = work / f"fold_{fold['test']}"
+    log_path = results / f"fold_{fold['test']}.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    for name, extra in (("plain", []), ("tta", ["--tta"])):
+        target = results / "oof" / f"{fold['test']}_final_{name}.csv"
+        if target.exists():
+            continue
+        out = fold_dir / f"detections_final_{name}"
+        if not (out / "detections.csv").exists():
+            base._cli(["detect", fold_dir / "test", "--det", fold_dir / "mdet", "--cls",
+                       fold_dir / "mclass", "--out", out, "--det-threshold", args.min_det,
+                       "--cls-threshold", 0, "--no-overlays", "--overwrite", "--which",
+                       "model", *extra], log_path, env)
+        ev.read_predictions(out / "detections.csv").to_csv(target, index=False)
+
+
 def summarize(folds: list, args, results: Path) -> dict:
     """Cross-fold thresholds for each finished fold, pooled counts, summary.json/.md."""
     import pandas as pd
@@ -222,12 +245,16 @@ def summarize(folds: list, args, results: Path) -> dict:
                                        "icpr2012").points
               if (args.work / f"fold_{f['test']}" / "test").exists()
               else _truth_of(args.data, f["test"]) for f in done}
-    preds = {(t, n): pd.read_csv(results / "oof" / f"{t}_{n}.csv")
-             for t in rows for n in ("plain", "tta")}
+    names = ["plain", "tta"]
+    if all((results / "oof" / f"{t}_final_{n}.csv").exists() for t in rows
+           for n in ("plain", "tta")):
+        names += ["final_plain", "final_tta"]
+    preds = {(t, n): pd.read_csv(results / "oof" / f"{t}_{n}.csv") for t in rows for n in names}
     for t, row in rows.items():
         others = [o for o in rows if o != t]
-        for name in ("plain", "tta"):
-            key = "cascade" if name == "plain" else "cascade_tta"
+        for name in names:
+            key = {"plain": "cascade", "tta": "cascade_tta", "final_plain": "cascade_final",
+                   "final_tta": "cascade_final_tta"}[name]
             if not others:
                 row.pop(key, None)
                 continue
@@ -235,8 +262,27 @@ def summarize(folds: list, args, results: Path) -> dict:
             row[f"{key}_pair"] = [pair["det_threshold"], pair["cls_threshold"]]
             row[key] = score_pair(truths[t], preds[t, name], pair["det_threshold"],
                                   pair["cls_threshold"])
+        # What limits it (diagnostics, not results): stage 1 alone with the merge, its cut from
+        # the other folds; and the pair chosen on this very slide (an optimistic bound that
+        # separates threshold transfer from what the models can do at all).
+        from focas_keras.evaluation.calibrate import calibrate_stage1
+
+        if others:
+            pooled_truth, pooled_preds = _pool([truths[o] for o in others],
+                                               [preds[o, "plain"] for o in others])
+            cut = calibrate_stage1(pooled_truth, pooled_preds, RADIUS_PX, MERGE_PX)
+            row["stage1_cut"] = cut["det_threshold"]
+            row["stage1"] = _stage1_counts(truths[t], preds[t, "plain"], cut["det_threshold"])
+        for name, key in (("plain", "oracle"), ("tta", "oracle_tta"),
+                          ("final_plain", "oracle_final"), ("final_tta", "oracle_final_tta")):
+            if name not in names:
+                continue
+            own = pooled_pair([truths[t]], [preds[t, name]])
+            row[key] = {k: own[k] for k in KEEP}
     finished = list(rows.values())
-    keys = [k for k in ("cascade", "cascade_tta", "cascade_val", "cascade_val_tta")
+    keys = [k for k in ("cascade", "cascade_tta", "cascade_val", "cascade_val_tta",
+                        "cascade_final", "cascade_final_tta", "stage1", "oracle", "oracle_tta",
+                        "oracle_final", "oracle_final_tta")
             if finished and all(k in r for r in finished)]
     found = sum(r["candidates_found"] for r in finished)
     mitoses = sum(r["mitoses"] for r in finished)
@@ -262,11 +308,53 @@ def summarize(folds: list, args, results: Path) -> dict:
     }
     write = results / "summary.json"
     write.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    (results / "summary.md").write_text(format_tables(summary, finished) + "\n")
+    (results / "summary.md").write_text(format_tables(summary, finished) + "\n\n"
+                                        + learning_curves(results, summary["folds"]) + "\n")
     for row in finished:  # the cross-fold rows change as folds land
         path = results / f"fold_{row['test']}.json"
         path.write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _pool(truths: list, preds: list):
+    """One truth dict and one table from several folds (image names made unique)."""
+    import pandas as pd
+
+    points, frames = {}, []
+    for i, (truth, table) in enumerate(zip(truths, preds)):
+        points.update({f"{i}/{k}": v for k, v in truth.items()})
+        frames.append(table.assign(image=f"{i}/" + table["image"].astype(str)))
+    return points, pd.concat(frames, ignore_index=True)
+
+
+def _stage1_counts(truth, preds, cut: float) -> dict:
+    """Stage 1 alone: det >= cut, merged by det score (what detect would accept without
+    Mclass)."""
+    from focas_keras.evaluation import evaluate as ev
+    from focas_keras.evaluation.calibrate import merged
+
+    above = merged(preds[preds["det_score"] >= cut], "det_score", MERGE_PX)
+    r = ev.evaluate(truth, above, RADIUS_PX, score="det", accepted_only=False)
+    return {k: r[k] for k in KEEP}
+
+
+def learning_curves(results: Path, folds: list) -> str:
+    """Markdown: per fold, the selection metric of every epoch (Mdet: stage 1 + merge F1 on
+    the whole validation fields; Mclass: the cascade's F1 there) and the training loss."""
+    import pandas as pd
+
+    lines = ["| held out | stage | epoch: selection F1 on whole val fields (training loss) |",
+             "|---|---|---|"]
+    for slide in folds:
+        for kind, column in (("det", "val_field_f1"), ("cls", "val_cascade_f1")):
+            path = results / f"fold_{slide}_{kind}_log.csv"
+            if not path.exists():
+                continue
+            log = pd.read_csv(path)
+            cells = ", ".join(f"{int(r.epoch)}: {getattr(r, column):.2f} ({r.loss_total:.3f})"
+                              for r in log.itertuples())
+            lines.append(f"| {slide} | {'Mdet' if kind == 'det' else 'Mclass'} | {cells} |")
+    return "\n".join(lines)
 
 
 def _truth_of(data: Path, slide: str) -> dict:
@@ -279,7 +367,15 @@ def _truth_of(data: Path, slide: str) -> dict:
 LABELS = {"cascade": "cascade, pair from the other folds' pooled OOF predictions",
           "cascade_tta": "same, Mclass with 8-fold TTA",
           "cascade_val": "cascade, pair from the fold's own validation slide",
-          "cascade_val_tta": "same, Mclass with 8-fold TTA"}
+          "cascade_val_tta": "same, Mclass with 8-fold TTA",
+          "stage1": "stage 1 alone + merge, cut from the other folds' OOF predictions",
+          "oracle": "diagnostic only: pair chosen on the held-out slide itself",
+          "oracle_tta": "diagnostic only: same, with TTA",
+          "cascade_final": "ablation: final weights instead of the selected checkpoints, "
+                           "pair from the other folds' OOF predictions",
+          "cascade_final_tta": "same, with TTA",
+          "oracle_final": "diagnostic only: final weights, pair chosen on the held-out slide",
+          "oracle_final_tta": "same, with TTA"}
 
 
 def format_tables(summary: dict, finished: list) -> str:
@@ -328,6 +424,8 @@ def main(argv=None) -> int:
     parser.add_argument("--folds", default="", help="Comma-separated held-out slides only.")
     parser.add_argument("--summary-only", action="store_true",
                         help="Only rebuild the summary from the cached folds.")
+    parser.add_argument("--final-ablation", action="store_true",
+                        help="Also detect each held-out slide with the final weights.")
     args = parser.parse_args(argv)
 
     slides = base.slides_of(p.name for p in args.data.iterdir()
@@ -345,6 +443,8 @@ def main(argv=None) -> int:
             print(f"  [{fold['test']}] done in {base._minutes(result['seconds'])}: candidate "
                   f"recall {result['candidate_recall']:.3f}, cascade (val pair) F1 "
                   f"{result['cascade_val']['f1']:.3f}", flush=True)
+            if args.final_ablation:
+                run_final_detections(fold, args, args.work, args.results)
             summarize(folds, args, args.results)
     summary = summarize(folds, args, args.results)
     print((args.results / "summary.md").read_text())

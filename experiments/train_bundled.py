@@ -1,0 +1,145 @@
+"""Rebuilds the bundled pretrained cascade (``focas_keras/pretrained/icpr2012_cpu``).
+
+The whole-field recipe (README, "Training for whole fields") on ALL 15 ICPR 2012 HPFs of
+``../shared/data/icpr2012``, preset ``cpu``, seed 0. There is no validation slide left, so both
+runs keep their final weights and the thresholds come from the leave-one-slide-out CV instead:
+the best-F1 (stage-1, stage-2) pair on the pooled out-of-fold predictions of all five folds
+(``experiments/results/icpr2012_cv/oof``; run ``experiments/recipe_cv.py`` first). Mclass TTA
+is switched on in the card only if it raised the CV's pooled F1.
+
+Writes the two runs' ``model.keras``, ``config.json`` and ``run.json``, the sample field, and
+``card.json`` (thresholds, the CV estimate, sha256 of every file, and the detections on the
+sample field that ``tests/test_bundled.py`` checks) plus ``MODEL_CARD.md``.
+
+Usage:
+    FOCAS_SRC=/tmp/focas_src python experiments/train_bundled.py --work /tmp/focas_bundled
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import icpr2012_cv as base  # noqa: E402
+import recipe_cv  # noqa: E402
+
+NAME = "icpr2012_cpu"
+SAMPLE = "A03_00.jpg"
+
+
+def train(args, work: Path, log_path: Path) -> tuple[Path, Path]:
+    """The recipe on every HPF (no validation split); returns (Mdet run, Mclass run)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(base.SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+    def cli(*a):
+        return base._cli(list(a), log_path, env)
+
+    data = args.data
+    det_shards, cls_shards = work / "shards_det", work / "shards_cls"
+    mdet, mclass = work / "mdet", work / "mclass"
+    common = ["--val-fraction", 0, "--seed", args.seed, "--overwrite"]
+    if not (det_shards / "manifest.json").exists():
+        cli("prepare", data, "--format", "icpr2012", "--out", det_shards, "--target-mpp",
+            recipe_cv.DET_MPP, "--det-grid", "--det-empty-share", 0, *common)
+    if not (cls_shards / "manifest.json").exists():
+        cli("prepare", data, "--format", "icpr2012", "--out", cls_shards, "--patch-size", 112,
+            "--det-per-mitosis", 0, "--det-empty-share", 0, *common)
+    if not (mdet / "model.keras").exists():
+        cli("train-det", "--data", det_shards, "--out", mdet, "--preset", args.preset,
+            "--seed", args.seed, "--set", "head.base_sizes=[12,24,48,96,192]")
+    if not (work / "mined.txt").exists():
+        (work / "mined.txt").write_text(cli("mine", "--det", mdet, "--data", data, "--format",
+                                            "icpr2012", "--out", cls_shards, "--keep-tp"))
+    if not (mclass / "model.keras").exists():
+        cli("train-cls", "--data", cls_shards, "--out", mclass, "--preset", args.preset,
+            "--seed", args.seed)
+    return mdet, mclass
+
+
+def oof_thresholds(results: Path) -> dict:
+    """The pair of best F1 on all folds' pooled out-of-fold predictions of the FINAL weights
+    (what this script ships: with every field in training there is nothing left to select a
+    checkpoint on), and whether TTA helped on the CV (its cross-fold pooled F1 above the plain
+    one's)."""
+    import pandas as pd
+
+    from focas_keras.evaluation import evaluate as ev
+
+    summary = json.loads((results / "summary.json").read_text())
+    if not summary.get("complete"):
+        raise SystemExit(f"the CV in {results} is not complete (folds: {summary['folds']})")
+    pooled = summary["pooled"]
+    if "cascade_final" not in pooled:
+        raise SystemExit("run experiments/recipe_cv.py --final-ablation first")
+    tta = pooled["cascade_final_tta"]["f1"] > pooled["cascade_final"]["f1"]
+    name = "final_tta" if tta else "final_plain"
+    truth = ev.read_truth(recipe_cv.DEFAULT_DATA / "images", "icpr2012").points
+    truths, preds = [], []
+    for slide in summary["folds"]:
+        truths.append({k: v for k, v in truth.items() if k.startswith(slide)})
+        preds.append(pd.read_csv(results / "oof" / f"{slide}_{name}.csv"))
+    pair = recipe_cv.pooled_pair(truths, preds)
+    return {"det_threshold": float(pair["det_threshold"]),
+            "cls_threshold": float(pair["cls_threshold"]), "tta": bool(tta),
+            "oof_f1_at_pair": float(pair["f1"]), "cv": summary,
+            "cv_key": "cascade_final_tta" if tta else "cascade_final"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=recipe_cv.DEFAULT_DATA / "images")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/focas_bundled"))
+    parser.add_argument("--results", type=Path,
+                        default=REPO / "experiments" / "results" / "icpr2012_cv")
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(base.SRC))
+    from focas_keras import pretrained
+    from focas_keras.io import sha256_file
+
+    chosen = oof_thresholds(args.results)
+    args.work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    mdet, mclass = train(args, args.work, args.work / "train.log")
+    seconds = time.perf_counter() - start
+    out = REPO / "focas_keras" / "pretrained" / NAME
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for kind, run in (("det", mdet), ("cls", mclass)):
+        (tmp / kind).mkdir(parents=True)
+        for file in ("model.keras", "config.json", "run.json"):
+            shutil.copy(run / file, tmp / kind / file)
+    sample_dir = REPO / "focas_keras" / "pretrained" / "sample"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(args.data / SAMPLE, sample_dir / SAMPLE)
+    shutil.copy(args.data / SAMPLE.replace(".jpg", ".csv"), sample_dir / SAMPLE.replace(
+        ".jpg", ".csv"))
+    card = pretrained.make_card(
+        name=NAME, preset=args.preset, seed=args.seed, thresholds=chosen,
+        command=f"FOCAS_SRC=<snapshot> python experiments/recipe_cv.py --preset {args.preset} "
+                f"&& python experiments/train_bundled.py",
+        train_seconds=round(seconds, 1), date=datetime.date.today().isoformat())
+    card["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    card["reference"] = pretrained.reference_detections(tmp, sample_dir / SAMPLE)
+    (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    (tmp / "MODEL_CARD.md").write_text(pretrained.card_markdown(card))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    print(pretrained.card_markdown(card))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
