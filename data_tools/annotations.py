@@ -117,20 +117,38 @@ def slide_from_stem(stem: str) -> str:
     return stem[:3] if len(stem) >= 3 else stem
 
 
-def _looks_truncated(path: Path, data: bytes) -> str | None:
-    """A reason if the encoded file is visibly cut short, else None.
+#: The encodings :func:`load_image` reads, by the first bytes of the file.
+IMAGE_SIGNATURES = (("PNG", (b"\x89PNG\r\n\x1a\n",)), ("JPEG", (b"\xff\xd8\xff",)),
+                    ("BMP", (b"BM",)), ("TIFF", (b"II*\x00", b"MM\x00*")))
+#: The names of those encodings, for messages.
+IMAGE_FORMATS_TEXT = "BMP, PNG, JPEG or TIFF"
+_NOT_AN_IMAGE = f"not a {IMAGE_FORMATS_TEXT} image (its first bytes match none of them)"
+#: What :func:`load_image` tells ``warn`` about an image without colour.
+GRAYSCALE = "grayscale"
+
+
+def image_format(data: bytes) -> str | None:
+    """The encoding of an image file's bytes (``PNG``, ``JPEG``, ``BMP``, ``TIFF``) by its
+    signature, or None when it starts like none of them (whatever its file name says)."""
+    for name, signatures in IMAGE_SIGNATURES:
+        if any(data.startswith(signature) for signature in signatures):
+            return name
+    return None
+
+
+def _looks_truncated(fmt: str, data: bytes) -> str | None:
+    """A reason if the encoded file (of encoding ``fmt``) is visibly cut short, else None.
 
     OpenCV decodes truncated JPEGs (grey bottom rows, only a warning) and some truncated PNGs,
     so check the end markers of the formats we read.
     """
-    suffix = path.suffix.lower()
-    if suffix in (".jpg", ".jpeg"):
+    if fmt == "JPEG":
         if b"\xff\xd9" not in data[-1024:]:
             return "truncated JPEG (no end-of-image marker)"
-    elif suffix == ".png":
+    elif fmt == "PNG":
         if b"IEND" not in data[-32:]:
             return "truncated PNG (no IEND chunk)"
-    elif suffix == ".bmp":
+    elif fmt == "BMP":
         if len(data) >= 6:
             declared = int.from_bytes(data[2:6], "little")
             if declared > len(data):
@@ -138,11 +156,56 @@ def _looks_truncated(path: Path, data: bytes) -> str | None:
     return None
 
 
-def load_image(path) -> np.ndarray:
+def check_image_file(path) -> str:
+    """The encoding of an image file, from its first bytes only: a cheap check of many inputs
+    before any is processed (a text file named ``.png`` fails here, not after an hour).
+
+    Returns:
+        ``PNG``, ``JPEG``, ``BMP`` or ``TIFF``.
+
+    Raises:
+        InputError: a missing, unreadable or empty file, or one that is none of those.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as err:
+        raise InputError(f"cannot read image ({err.strerror or err})", path) from None
+    if not head:
+        raise InputError("empty image file", path)
+    fmt = image_format(head)
+    if fmt is None:
+        raise InputError(_NOT_AN_IMAGE, path)
+    return fmt
+
+
+def is_grayscale(image: np.ndarray) -> bool:
+    """True when a (H, W, 3) image has no colour: its three channels are equal everywhere."""
+    image = np.asarray(image)
+    return bool(np.array_equal(image[..., 0], image[..., 1])
+                and np.array_equal(image[..., 1], image[..., 2]))
+
+
+def load_image(path, warn=None) -> np.ndarray:
     """Reads an image as uint8 RGB (H, W, 3).
 
     Grayscale is replicated to three channels, an alpha channel is dropped, 16-bit images are
-    scaled to 8 bits (value >> 8). Anything else raises :class:`InputError` naming the file.
+    scaled to 8 bits (value >> 8). The encoding is told by the file's first bytes, not its
+    name; anything but :data:`IMAGE_FORMATS_TEXT` raises :class:`InputError` naming the file.
+
+    Args:
+        path: the image file.
+        warn: optional callable ``(path, what)``, called with ``what`` =
+            :data:`GRAYSCALE` when the image has no colour (one channel stored, or three equal
+            ones): the models expect H&E colour. The image is loaded all the same.
+
+    Returns:
+        uint8 (H, W, 3) RGB.
+
+    Raises:
+        InputError: a missing, empty, non-image, truncated or undecodable file, or an
+            unsupported pixel type or layout.
     """
     path = Path(path)
     try:
@@ -151,12 +214,15 @@ def load_image(path) -> np.ndarray:
         raise InputError(f"cannot read image ({err.strerror or err})", path) from None
     if not data:
         raise InputError("empty image file", path)
-    reason = _looks_truncated(path, data)
+    fmt = image_format(data)
+    if fmt is None:
+        raise InputError(_NOT_AN_IMAGE, path)
+    reason = _looks_truncated(fmt, data)
     if reason:
         raise InputError(reason, path)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
-        raise InputError("not a readable image", path)
+        raise InputError(f"corrupt {fmt} image (cannot decode it)", path)
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -171,7 +237,43 @@ def load_image(path) -> np.ndarray:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
     else:
         raise InputError(f"unsupported image layout {image.shape}", path)
+    if warn is not None and is_grayscale(image):
+        warn(path, GRAYSCALE)
     return np.ascontiguousarray(image)
+
+
+class ColourCheck:
+    """The ``warn`` of :func:`load_image` for one run: says once, on the first image without
+    colour, that results may be poor, and remembers every such image.
+
+    Args:
+        emit: callable taking the message (default: print to stderr with a
+            ``focas-keras: warning:`` prefix).
+
+    Attributes:
+        paths: the images without colour seen so far (as strings, in order).
+    """
+
+    MESSAGE = "{path} is {what}; the models expect H&E colour, results may be poor"
+
+    def __init__(self, emit=None):
+        self.emit = emit or _stderr_warning
+        self.paths: list[str] = []
+
+    def __call__(self, path, what: str = GRAYSCALE) -> None:
+        self.paths.append(os.fspath(path))
+        if len(self.paths) == 1:
+            self.emit(self.MESSAGE.format(path=os.fspath(path), what=what))
+
+    def summary(self) -> dict:
+        """``{"grayscale_images": [...]}`` for a run record (empty list when all had colour)."""
+        return {"grayscale_images": list(self.paths)}
+
+
+def _stderr_warning(message: str) -> None:
+    import sys
+
+    print(f"focas-keras: warning: {message}", file=sys.stderr, flush=True)
 
 
 def image_size(path) -> tuple[int, int]:

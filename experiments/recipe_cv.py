@@ -186,7 +186,7 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
         "mitoses": total, "candidates": int(len(plain)), "candidates_found": found,
         "candidate_recall": found / total if total else 0.0,
         "border_share": touch, "border_band_area_share": band,
-        "cap_bound_images": detect_json.get("cap_bound_images"),
+        "cap_bound_images": (detect_json.get("stage1_cap") or {}).get("cap_bound_images"),
         "val_pair": list(val_pair),
         "cascade_val": score_pair(truth, plain, *val_pair),
         "cascade_val_tta": score_pair(truth, tta, *val_pair),

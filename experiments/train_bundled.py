@@ -126,8 +126,8 @@ def main(argv=None) -> int:
         ".jpg", ".csv"))
     card = pretrained.make_card(
         name=NAME, preset=args.preset, seed=args.seed, thresholds=chosen,
-        command=f"FOCAS_SRC=<snapshot> python experiments/recipe_cv.py --preset {args.preset} "
-                f"&& python experiments/train_bundled.py",
+        command=f"python experiments/recipe_cv.py --preset {args.preset} --final-ablation "
+                f"&& python experiments/train_bundled.py --preset {args.preset}",
         train_seconds=round(seconds, 1), date=datetime.date.today().isoformat())
     card["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
                      for p in sorted(tmp.rglob("*")) if p.is_file()}

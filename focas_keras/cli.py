@@ -195,6 +195,10 @@ def _parse_value(text: str):
         return text
 
 
+_PRECISION_HELP = ("Compute precision (default: the preset's; the mixed ones keep float32 "
+                   "weights).")
+
+
 @main.command("train-det")
 @click.option("--data", required=True, type=click.Path(), help="Shards from `prepare`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
@@ -207,14 +211,17 @@ def _parse_value(text: str):
 @click.option("--norm", type=click.Choice(["bn", "gn"]), default=None,
               help="Backbone normalisation.")
 @click.option("--no-ws", is_flag=True, help="Plain convs instead of weight standardisation.")
-@click.option("--epochs", type=int, default=None)
+@click.option("--epochs", type=int, default=None,
+              help="Training epochs (default: the preset's).")
 @click.option("--batch-size", type=int, default=None, help="Global batch size.")
 @click.option("--steps-per-epoch", type=int, default=None,
               help="Steps per epoch (default: training tiles / batch size).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]),
-              default=None)
-@click.option("--seed", type=int, default=None)
+              default=None, help=_PRECISION_HELP)
+@click.option("--seed", type=int, default=None,
+              help="Seed of initialisation, sampling and augmentation (default: the "
+                   "preset's).")
 @click.option("--devices", default="",
               help="Comma-separated devices for MirroredStrategy (e.g. /gpu:0,/gpu:1); "
                    "'cpu:N' splits the CPU into N logical devices.")
@@ -278,15 +285,19 @@ def _report(result: dict, out) -> None:
               help="Local Keras weights file (.weights.h5) of an Mclass or its backbone.")
 @click.option("--depth", type=click.Choice(["18", "34", "50", "101"]), default=None,
               help="ResNet depth (default: the preset's, 34).")
-@click.option("--epochs", type=int, default=None)
+@click.option("--epochs", type=int, default=None,
+              help="Training epochs (default: the preset's).")
 @click.option("--batch-size", type=int, default=None, help="Global batch size.")
-@click.option("--steps-per-epoch", type=int, default=None)
+@click.option("--steps-per-epoch", type=int, default=None,
+              help="Steps per epoch (default: training patches / batch size).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--positive-share", type=float, default=None,
               help="Share of mitosis patches in each batch (weighted sampling).")
 @click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]),
-              default=None)
-@click.option("--seed", type=int, default=None)
+              default=None, help=_PRECISION_HELP)
+@click.option("--seed", type=int, default=None,
+              help="Seed of initialisation, sampling and augmentation (default: the "
+                   "preset's).")
 @click.option("--devices", default="", help="As for train-det.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Override any config field, e.g. --set model.width=0.5.")
@@ -307,34 +318,68 @@ def train_cls(data, out, preset, init_weights, depth, epochs, batch_size, steps_
     _report(result, out)
 
 
+def _alias(ctx, name: str, old: str):
+    """The value of option ``name``, or of its hidden old name ``old`` (both parameter
+    names); InputError when both are given and differ."""
+    value, old_value = ctx.params[name], ctx.params[old]
+    if old_value is None:
+        return value
+    flag, old_flag = (f"--{n.replace('_', '-')}" for n in (name, old.removesuffix("_alias")))
+    if value is not None and value != old_value:
+        raise InputError(f"{flag} and {old_flag} (its old name) disagree: {value:g} and "
+                         f"{old_value:g}")
+    return old_value
+
+
 @main.command()
 @click.option("--det", "det_run", required=True, type=click.Path(), help="A train-det run.")
 @click.option("--data", "source", required=True, type=click.Path(),
               help="The dataset the shards were prepared from.")
 @click.option("--format", "fmt", required=True,
-              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]))
+              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]),
+              help="Layout of the --data dataset (as given to prepare).")
 @click.option("--out", "shard_dir", required=True, type=click.Path(),
               help="The shard directory to add hard negatives to.")
-@click.option("--score-threshold", type=float, default=None,
+@click.option("--det-threshold", type=float, default=None,
               help="Stage-1 score threshold (default: the run's inference threshold).")
+@click.option("--score-threshold", "score_threshold_alias", type=float, default=None,
+              hidden=True)
 @click.option("--keep-tp", is_flag=True, help="Also add true-positive detections as positives.")
-@click.option("--radius", type=float, default=20.0, show_default=True,
-              help="A detection farther than this (px) from every mitosis is a false positive.")
+@click.option("--radius-px", type=float, default=None,
+              help="A detection farther than this (px of the shards' images) from every "
+                   "mitosis is a false positive (default 20).")
+@click.option("--radius-um", type=float, default=None,
+              help="The same radius in um (converted with the shards' pixel size).")
+@click.option("--radius", "radius_alias", type=float, default=None, hidden=True)
 @click.option("--include-val", is_flag=True,
               help="Also add every candidate on the VALIDATION images to the val split (with "
                    "its stage-1 score), so train-cls selects its checkpoint and thresholds by "
                    "the cascade's F1 on whole validation fields. Never used for training.")
 @click.option("--max-candidates-per-mm2", type=float, default=2000.0, show_default=True,
               help="Stage-1 candidates kept per mm2 of image (as detect).")
-def mine(det_run, source, fmt, shard_dir, score_threshold, keep_tp, radius, include_val,
-         max_candidates_per_mm2):
+@click.pass_context
+def mine(ctx, det_run, source, fmt, shard_dir, det_threshold, score_threshold_alias, keep_tp,
+         radius_px, radius_um, radius_alias, include_val, max_candidates_per_mm2):
     """Add Mdet's candidates on the TRAINING images as cls patches: every false positive as a
     hard negative (and with --keep-tp the rest as positives)."""
     _import_tensorflow()
     from data_tools.mine import mine_hard_negatives
+    from focas_keras.evaluation import evaluate as ev
+    from focas_keras.run_kind import MDET, check_run_kind
 
+    check_run_kind(det_run, MDET, "--det")
+    det_threshold = _alias(ctx, "det_threshold", "score_threshold_alias")
+    radius_px = _alias(ctx, "radius_px", "radius_alias")
+    mpp = None
+    if radius_um is not None:
+        from focas_keras.data.pipeline import load_manifest
+
+        mpp = load_manifest(shard_dir).get("parameters", {}).get("target_mpp")
+        if mpp is None:
+            mpp = ev.truth_mpp(ev.read_truth(source, fmt))
+    radius = ev.radius_from(radius_px, radius_um, mpp)
     summary = mine_hard_negatives(det_run, source, fmt, shard_dir,
-                                  score_threshold=score_threshold, keep_true_positives=keep_tp,
+                                  score_threshold=det_threshold, keep_true_positives=keep_tp,
                                   radius=radius, progress=True, include_val=include_val,
                                   per_mm2=max_candidates_per_mm2)
     click.echo(f"mined {summary['false_positives']} hard negatives"
@@ -367,12 +412,73 @@ def _cascade_options(command):
         click.option("--merge-px", type=float, default=30.0, show_default=True,
                      help="Accepted detections closer than this (px) to a better one are "
                           "merged."),
+        click.option("--thresholds", "thresholds_file", type=click.Path(dir_okay=False),
+                     default=None,
+                     help="A thresholds file from `calibrate --write` (or the demo): its "
+                          "stage-1 and stage-2 thresholds and merge radius (and TTA, where it "
+                          "records it) replace the defaults, and override the bundled model's; "
+                          "--det-threshold, --cls-threshold and --merge-px given here still "
+                          "win."),
         click.option("--which", type=click.Choice(["best", "model"]), default="best",
                      show_default=True, help="Use each run's best or final model."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _given(ctx, name: str) -> bool:
+    """Whether option ``name`` was set on the command line (or by its environment variable),
+    not left at its default."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                              ParameterSource.ENVIRONMENT)
+
+
+def _apply_thresholds_file(ctx, path, values: dict) -> dict | None:
+    """Fills ``values`` (the cascade settings) from a ``--thresholds`` file.
+
+    The file's ``det_threshold``, ``cls_threshold``, ``merge_px`` and (where ``values`` has
+    one) ``tta`` are used where the command line gave none. ``merge_px`` is left None where
+    neither gave one (the bundled model's card, else 30 px, decides).
+
+    Returns:
+        What ``detect.json`` records of the file (None without one).
+    """
+    from focas_keras.evaluation.calibrate import read_thresholds
+    from focas_keras.io import sha256_file
+
+    if not _given(ctx, "merge_px"):
+        values["merge_px"] = None
+    if path is None:
+        return None
+    data = read_thresholds(path)
+    used, kept = {}, []
+    for name in ("det_threshold", "cls_threshold", "merge_px", "tta"):
+        if name not in values or data.get(name) is None:
+            continue
+        if values[name] is not None:
+            kept.append(name)
+        else:
+            values[name] = used[name] = data[name]
+    return {"path": str(path), "sha256": sha256_file(path), "used": used,
+            "command_line_won": kept, "chosen_on": data.get("chosen_on")}
+
+
+def _check_thresholds_runs(record, det_run, cls_run) -> None:
+    """Warns (stderr) when a thresholds file was chosen on candidates of other runs."""
+    from pathlib import Path
+
+    chosen = ((record or {}).get("chosen_on") or {}).get("detect") or {}
+    runs = chosen.get("runs") if isinstance(chosen, dict) else None
+    if not isinstance(runs, dict):
+        return
+    now = {"det": str(Path(det_run).resolve()), "cls": str(Path(cls_run).resolve())}
+    if any(runs.get(k) not in (None, now[k]) for k in now):
+        click.echo(f"focas-keras: warning: {record['path']} was chosen on the candidates of "
+                   f"--det {runs.get('det')} --cls {runs.get('cls')}, not of these runs; "
+                   "its thresholds may not fit them", err=True)
 
 
 @main.command()
@@ -406,23 +512,31 @@ def _cascade_options(command):
               help="Score each crop with Mclass under its 8 rotations/flips and average the "
                    "probabilities (8x stage-2 cost).")
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay images.")
+@click.option("--no-rejected", is_flag=True,
+              help="Leave the rejected candidates off the overlays (only accepted ones).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def detect(inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp, tile, overlap,
-           tile_batch, det_threshold, cls_threshold, patch, merge_px, which,
-           max_candidates_per_mm2, tta, no_overlays, overwrite):
+@click.pass_context
+def detect(ctx, inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp, tile, overlap,
+           tile_batch, det_threshold, cls_threshold, patch, merge_px, thresholds_file, which,
+           max_candidates_per_mm2, tta, no_overlays, no_rejected, overwrite):
     """Find mitoses in INPUTS (images or directories of .bmp/.png/.jpg/.tif HPFs)."""
     _import_tensorflow()
-    from focas_keras.inference.cascade import Cascade, CascadeSettings, list_inputs
+    from pathlib import Path
+
+    from focas_keras.inference.cascade import Cascade, CascadeSettings
     from focas_keras.inference.outputs import detect_to_dir
 
-    files = list_inputs(inputs)
+    files = _image_files(inputs)
     values = dict(mpp=mpp, model_mpp=model_mpp, det_mpp=det_mpp, cls_mpp=cls_mpp, tile=tile,
                   overlap=overlap, tile_batch=tile_batch, det_threshold=det_threshold,
                   cls_threshold=cls_threshold, patch=patch, merge_px=merge_px,
                   max_candidates_per_mm2=max_candidates_per_mm2, tta=tta)
+    thresholds = _apply_thresholds_file(ctx, thresholds_file, values)
     with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
+        _check_thresholds_runs(thresholds, det_run, cls_run)
         if card is None:
-            values["tta"] = bool(tta)
+            values["tta"] = bool(values["tta"])
+            values["merge_px"] = merge_px if values["merge_px"] is None else values["merge_px"]
             cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(**values),
                                         which=which)
         else:
@@ -431,17 +545,42 @@ def detect(inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp, tile
             cascade = Cascade.from_runs(det_run, cls_run,
                                         pretrained.settings_from_card(card, **values),
                                         which="model")
-        extra = {} if card is None else {"bundled_model": card["name"]}
+        extra = {"runs": {"det": str(Path(det_run).resolve()),
+                          "cls": str(Path(cls_run).resolve())},
+                 "thresholds_file": thresholds}
+        if card is not None:
+            extra["bundled_model"] = card["name"]
         counts = detect_to_dir(cascade, files, out, overlays=not no_overlays, progress=True,
-                               overwrite=overwrite, extra=extra)
+                               overwrite=overwrite, extra=extra, rejected=not no_rejected,
+                               warn=_warn)
     click.echo(f"{int(counts['accepted'].sum())} mitoses accepted of "
                f"{int(counts['candidates'].sum())} candidates in {len(files)} images "
                f"(stage 1 >= {cascade.det_threshold:.3f}, stage 2 >= "
-               f"{cascade.cls_threshold:.3f}{', TTA' if cascade.settings.tta else ''}); "
-               f"results in {out}")
+               f"{cascade.cls_threshold:.3f}{', TTA' if cascade.settings.tta else ''}"
+               + (f"; thresholds from {thresholds_file}" if thresholds_file else "")
+               + f"); results in {out}")
+    overlay_text = "; overlays/: green = accepted" + ("" if no_rejected else
+                                                      ", red = rejected candidate")
     click.echo(f"  {out}/counts.csv: mitoses per image and per mm2; detections.csv: every "
                f"candidate (accepted = counted); detections.geojson: accepted, for QuPath"
-               + ("" if no_overlays else "; overlays/: green = accepted"))
+               + ("" if no_overlays else overlay_text))
+
+
+def _image_files(inputs) -> list:
+    """The image files INPUTS name (:func:`~focas_keras.inference.cascade.list_inputs`),
+    each checked to be an image by its first bytes before any model loads."""
+    from data_tools.annotations import check_image_file
+    from focas_keras.inference.cascade import list_inputs
+
+    files = list_inputs(inputs)
+    for path in files:
+        check_image_file(path)
+    return files
+
+
+def _warn(message: str) -> None:
+    """A warning line on stderr (the run goes on)."""
+    click.echo(f"focas-keras: warning: {message}", err=True)
 
 
 def _runs_or_bundled(det_run, cls_run):
@@ -517,8 +656,9 @@ def models():
                    "print those of the newest (or --version) models under --out.")
 @click.pass_context
 def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, tile, mpp, overlap,
-               tile_batch, det_threshold, cls_threshold, patch, merge_px, which, max_detections,
-               max_candidates_per_mm2, max_pixels, sample, config_base, check):
+               tile_batch, det_threshold, cls_threshold, patch, merge_px, thresholds_file,
+               which, max_detections, max_candidates_per_mm2, max_pixels, sample, config_base,
+               check):
     """Export the cascade, Mdet and Mclass as SavedModels for TensorFlow Serving."""
     _import_tensorflow()
     from focas_keras.export import savedmodel
@@ -527,14 +667,17 @@ def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, t
     if det_run is None and cls_run is None and check:
         click.echo(savedmodel.describe_base(base, version=version))
         return
-    from data_tools.annotations import load_image
+    from data_tools.annotations import ColourCheck, load_image
     from focas_keras.inference.cascade import Cascade, CascadeSettings
 
     values = dict(mpp=mpp, tile=tile, overlap=overlap, tile_batch=tile_batch,
                   det_threshold=det_threshold, cls_threshold=cls_threshold, patch=patch,
                   merge_px=merge_px, max_candidates_per_mm2=max_candidates_per_mm2)
+    thresholds = _apply_thresholds_file(ctx, thresholds_file, values)
     with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
+        _check_thresholds_runs(thresholds, det_run, cls_run)
         if card is None:
+            values["merge_px"] = merge_px if values["merge_px"] is None else values["merge_px"]
             cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(**values),
                                         which=which)
         else:
@@ -545,7 +688,7 @@ def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, t
                            "accepted set may differ slightly from `detect` with this model")
             cascade = Cascade.from_runs(det_run, cls_run, pretrained.settings_from_card(
                 card, **values, tta=False), which="model")
-        image = load_image(sample) if sample else None
+        image = load_image(sample, warn=ColourCheck(_warn)) if sample else None
         try:
             result = savedmodel.export(cascade, base, name=name, det_name=det_name,
                                        cls_name=cls_name, version=version,
@@ -590,21 +733,32 @@ def predict(inputs, server, rest, out, model, version, mpp, timeout, no_overlays
                f"(server {server or rest}, model {model}); results in {out}")
 
 
-def _scoring_options(truth_help: str, pred_help: str):
-    """``--truth``, ``--format``, ``--pred``, ``--radius-px``, ``--radius-um``: what
-    ``evaluate`` and ``calibrate`` both read (see :func:`_read_scoring_inputs`)."""
-    options = [
-        click.option("--truth", required=True, type=click.Path(), help=truth_help),
-        click.option("--format", "fmt", default=None,
-                     type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]),
-                     help="Dataset format of --truth (omit for a centroid CSV)."),
-        click.option("--pred", required=True, type=click.Path(), help=pred_help),
-        click.option("--radius-px", type=float, default=None,
-                     help="Match radius in px (default 20)."),
-        click.option("--radius-um", type=float, default=None,
-                     help="Match radius in um (converted with the truth's pixel size)."),
-    ]
+#: What ``evaluate`` and ``calibrate`` say about the images that count (one rule:
+#: :func:`focas_keras.evaluation.evaluate.truth_for_predictions`).
+_PROCESSED_HELP = ("Only the images listed in counts.csv beside --pred (those detect "
+                   "processed) count; the rest of --truth is ignored. Without a counts.csv "
+                   "there, every --truth image counts.")
 
+
+def _truth_options(truth_help: str):
+    """``--truth`` and ``--format``: ground truth, as ``evaluate``, ``calibrate`` and
+    ``patch-study`` read it."""
+    return [click.option("--truth", required=True, type=click.Path(), help=truth_help),
+            click.option("--format", "fmt", default=None,
+                         type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]),
+                         help="Dataset format of --truth (omit for a centroid CSV).")]
+
+
+def _radius_options(default_help: str = "Match radius in px (default 20)."):
+    """``--radius-px`` and ``--radius-um``: the match radius, in every command that matches."""
+    return [click.option("--radius-px", type=float, default=None, help=default_help),
+            click.option("--radius-um", type=float, default=None,
+                         help="Match radius in um (converted with the truth's pixel size; "
+                              "5 um is 20.4 px at 0.2456 um/px).")]
+
+
+def _decorate_with(options):
+    """A decorator applying click ``options`` in the order listed (as if stacked)."""
     def decorate(command):
         for option in reversed(options):
             command = option(command)
@@ -613,11 +767,23 @@ def _scoring_options(truth_help: str, pred_help: str):
     return decorate
 
 
+def _scoring_options(truth_help: str, pred_help: str):
+    """``--truth``, ``--format``, ``--pred``, ``--radius-px``, ``--radius-um``: what
+    ``evaluate`` and ``calibrate`` both read (see :func:`_read_scoring_inputs`)."""
+    options = [*_truth_options(truth_help),
+               click.option("--pred", required=True, type=click.Path(),
+                            help=f"{pred_help} {_PROCESSED_HELP}"),
+               *_radius_options()]
+    return _decorate_with(options)
+
+
 def _read_scoring_inputs(truth, fmt, pred, radius_px, radius_um):
-    """(ground truth, predictions table, match radius in px) from the options above."""
+    """(ground truth, predictions table, match radius in px) from the options above; the
+    truth holds only the images that count (:func:`~focas_keras.evaluation.evaluate.
+    truth_for_predictions`, the same rule for ``evaluate`` and ``calibrate``)."""
     from focas_keras.evaluation import evaluate as ev
 
-    gt = ev.read_truth(truth, fmt)
+    gt = ev.truth_for_predictions(ev.read_truth(truth, fmt), pred)
     preds = ev.read_predictions(pred)
     return gt, preds, ev.radius_from(radius_px, radius_um, ev.truth_mpp(gt))
 
@@ -638,7 +804,11 @@ def _read_scoring_inputs(truth, fmt, pred, radius_px, radius_um):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(truth, fmt, pred, radius_px, radius_um, matching, score, threshold, sweep_png,
              as_json):
-    """Precision, recall and F1 of detections against ground-truth centroids."""
+    """Precision, recall and F1 of detections against ground-truth centroids.
+
+    Only images listed in counts.csv beside --pred (every image detect processed) count, as
+    in calibrate: a truth image detect never saw is not a missed mitosis.
+    """
     import json
 
     from focas_keras.evaluation import evaluate as ev
@@ -676,31 +846,37 @@ def evaluate(truth, fmt, pred, radius_px, radius_um, matching, score, threshold,
                   "validation fields.")
 @click.option("--merge-px", type=float, default=30.0, show_default=True,
               help="The merge radius detect will use.")
+@click.option("--write", "write_path", type=click.Path(dir_okay=False), default=None,
+              help="Also save the chosen cascade pair (with the merge radius and what it was "
+                   "chosen on) to this JSON file, for `detect --thresholds FILE`.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def calibrate(truth, fmt, pred, radius_px, radius_um, merge_px, as_json):
+def calibrate(truth, fmt, pred, radius_px, radius_um, merge_px, write_path, as_json):
     """Choose detect's two thresholds on whole validation fields (best F1).
 
-    Only images listed in counts.csv beside --pred (every image detect processed) count;
-    the rest of --truth is ignored, so --truth may be the whole training dataset.
+    Only images listed in counts.csv beside --pred (every image detect processed) count, as
+    in evaluate; the rest of --truth is ignored, so --truth may be the whole training
+    dataset.
     """
     import json
-    from pathlib import Path
 
-    from focas_keras.evaluation.calibrate import calibrate_cascade, calibrate_stage1
+    from focas_keras.evaluation import calibrate as cal
 
     gt, preds, radius = _read_scoring_inputs(truth, fmt, pred, radius_px, radius_um)
     points = gt.points
-    counts = Path(pred).parent / "counts.csv"
-    if counts.is_file():
-        import pandas as pd
-
-        processed = set(pd.read_csv(counts)["image"].astype(str))
-        points = {k: v for k, v in points.items() if k in processed}
     result = {"images": len(points),
-              "stage1": calibrate_stage1(points, preds, radius, merge_px),
-              "cascade": calibrate_cascade(points, preds, radius, merge_px,
-                                           min_det_threshold=float(preds["det_score"].min())
-                                           if len(preds) else 0.0)}
+              "stage1": cal.calibrate_stage1(points, preds, radius, merge_px),
+              "cascade": cal.calibrate_cascade(points, preds, radius, merge_px,
+                                               min_det_threshold=float(preds["det_score"].min())
+                                               if len(preds) else 0.0)}
+    if write_path:
+        detect_record = _detect_record(pred)
+        chosen_on = {"truth": str(truth), "format": fmt, "pred": str(pred),
+                     "images": sorted(points), "mitoses": int(sum(map(len, points.values()))),
+                     "radius_px": float(radius), "detect": detect_record}
+        cal.write_thresholds(write_path, cal.thresholds_record(
+            result["cascade"], merge_px, chosen_on, stage1=result["stage1"],
+            tta=(detect_record or {}).get("tta")))
+        result["written"] = str(write_path)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
@@ -713,39 +889,70 @@ def calibrate(truth, fmt, pred, radius_px, radius_um, merge_px, as_json):
                f"F1 {both['f1']:.3f}")
     click.echo(f"use: focas-keras detect ... --det-threshold {both['det_threshold']:.4f} "
                f"--cls-threshold {both['cls_threshold']:.4f} --merge-px {merge_px:g}")
+    if write_path:
+        click.echo(f"thresholds written to {write_path}; or use: focas-keras detect ... "
+                   f"--thresholds {write_path}")
+
+
+def _detect_record(pred) -> dict | None:
+    """What ``detect.json`` beside a predictions file says about the run that made them (the
+    runs, TTA, the thresholds used), for a thresholds file; None without one."""
+    import json
+    from pathlib import Path
+
+    path = Path(pred).parent / "detect.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    settings, resolved = data.get("settings") or {}, data.get("resolved") or {}
+    return {"file": str(path), "runs": data.get("runs"),
+            "bundled_model": data.get("bundled_model"), "tta": settings.get("tta"),
+            "det_threshold": resolved.get("det_threshold"),
+            "cls_threshold": resolved.get("cls_threshold"), "mpp": settings.get("mpp")}
 
 
 @main.command("patch-study")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--det", "det_run", required=True, type=click.Path(), help="A train-det run.")
 @click.option("--cls", "cls_run", required=True, type=click.Path(), help="A train-cls run.")
-@click.option("--truth", required=True, type=click.Path(),
-              help="Ground truth: a centroid CSV (image,x,y) or a dataset (with --format).")
-@click.option("--format", "fmt", default=None,
-              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]))
+@_decorate_with(_truth_options(
+    "Ground truth: a centroid CSV (image,x,y) or a dataset (with --format); only the INPUTS "
+    "count."))
 @click.option("--sizes", default="64,112,128,256", show_default=True,
               help="Comma-separated crop sides (px).")
-@click.option("--mpp", type=float, default=0.2456, show_default=True)
-@click.option("--model-mpp", type=float, default=None)
-@click.option("--det-mpp", type=float, default=None)
-@click.option("--cls-mpp", type=float, default=None)
-@click.option("--radius-px", type=float, default=20.0, show_default=True)
+@click.option("--mpp", type=float, default=0.2456, show_default=True,
+              help="Pixel size of the input images (um/px), as for detect.")
+@click.option("--model-mpp", type=float, default=None,
+              help="Pixel size both models were trained at (default: what each run recorded, "
+                   "else --mpp), as for detect.")
+@click.option("--det-mpp", type=float, default=None,
+              help="Pixel size Mdet runs at (default: --model-mpp, else its run's).")
+@click.option("--cls-mpp", type=float, default=None,
+              help="Pixel size of Mclass's crops (default: --model-mpp, else its run's).")
+@_decorate_with(_radius_options())
 def patch_study(inputs, det_run, cls_run, truth, fmt, sizes, mpp, model_mpp, det_mpp, cls_mpp,
-                radius_px):
+                radius_px, radius_um):
     """Paper Table 2: stage 2 on the same stage-1 candidates with several crop sizes."""
     _import_tensorflow()
-    from focas_keras.evaluation.evaluate import read_truth
+    from focas_keras.evaluation import evaluate as ev
     from focas_keras.evaluation.patch_study import patch_size_study
-    from focas_keras.inference.cascade import Cascade, CascadeSettings, list_inputs
+    from focas_keras.inference.cascade import Cascade, CascadeSettings
 
     try:
         size_list = [int(s) for s in sizes.split(",") if s.strip()]
     except ValueError:
         raise InputError(f"--sizes must be comma-separated integers, got '{sizes}'") from None
-    files = list_inputs(inputs)
+    files = _image_files(inputs)
+    gt, stems = ev.read_truth(truth, fmt), {f.stem for f in files}
+    gt = ev.Truth({k: v for k, v in gt.points.items() if k in stems},
+                  {k: v for k, v in gt.mpp.items() if k in stems})
+    radius = ev.radius_from(radius_px, radius_um, ev.truth_mpp(gt))
     cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(
         mpp=mpp, model_mpp=model_mpp, det_mpp=det_mpp, cls_mpp=cls_mpp))
-    rows = patch_size_study(cascade, files, read_truth(truth, fmt).points, size_list, radius_px)
+    rows = patch_size_study(cascade, files, gt.points, size_list, radius, warn=_warn)
     click.echo(f"{'crop':>6s} {'TP':>5s} {'FP':>5s} {'FN':>5s}  precision  recall     F1")
     for row in rows:
         click.echo(f"{row['patch']:>6d} {row['tp']:>5d} {row['fp']:>5d} {row['fn']:>5d}  "
@@ -754,19 +961,40 @@ def patch_study(inputs, det_run, cls_run, truth, fmt, sizes, mpp, model_mpp, det
 
 @main.command()
 @click.option("--out", default="focas_demo", show_default=True, type=click.Path(file_okay=False),
-              help="Working directory of the demo (replaced if it exists).")
+              help="Output directory of the demo; built aside and renamed into place when "
+                   "complete, so an interrupted demo leaves nothing new there.")
+@click.option("--synthetic", is_flag=True,
+              help="Instead of the bundled model on the real sample field: the whole training "
+                   "chain on synthetic data (synth, prepare, train Mdet, mine, train Mclass, "
+                   "calibrate, detect and evaluate on held-out fields; ~5 min).")
 @click.option("--images", default=12, show_default=True,
-              help="Synthetic fields for training and validation.")
-@click.option("--test-images", default=4, show_default=True, help="Held-out synthetic fields.")
-@click.option("--size", default=1024, show_default=True, help="Synthetic field side (px).")
-@click.option("--seed", default=0, show_default=True, help="Seed of data, split and training.")
-def demo(out, images, test_images, size, seed):
-    """The whole cascade on synthetic data: synth, prepare, train Mdet, mine, train Mclass,
-    detect on held-out fields, evaluate stage 1 alone and the cascade."""
+              help="--synthetic: fields for training and validation.")
+@click.option("--test-images", default=4, show_default=True,
+              help="--synthetic: held-out fields.")
+@click.option("--size", default=1024, show_default=True, help="--synthetic: field side (px).")
+@click.option("--seed", default=0, show_default=True,
+              help="--synthetic: seed of data, split and training.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing non-empty --out (only once the new demo is complete).")
+def demo(out, synthetic, images, test_images, size, seed, overwrite):
+    """Find mitoses on a real H&E field with the bundled pretrained model (default), or train
+    both stages from scratch on synthetic data (--synthetic).
+
+    The default runs `detect` on the bundled ICPR 2012 field and scores it against the field's
+    annotated mitoses. --synthetic ends with where its two trained runs are and the
+    `focas-keras detect ... --thresholds` line that gives its held-out result again. A
+    non-empty --out is refused unless --overwrite.
+    """
     _import_tensorflow()
+    if not synthetic:
+        from focas_keras.sample_demo import run_sample_demo
+
+        run_sample_demo(out, overwrite=overwrite, echo=click.echo)
+        return
     from focas_keras.demo import run_demo
 
-    run_demo(out, images=images, size=size, test_images=test_images, seed=seed, echo=click.echo)
+    run_demo(out, images=images, size=size, test_images=test_images, seed=seed,
+             overwrite=overwrite, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

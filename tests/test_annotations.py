@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools.annotations import load_image, object_from_pixels
+from data_tools.annotations import (
+    GRAYSCALE, ColourCheck, image_format, is_grayscale, load_image, object_from_pixels)
 from focas_keras.errors import InputError
 
 
@@ -46,8 +47,17 @@ def test_truncated_images_are_refused(tmp_path, ext, needle):
 
 def test_unreadable_and_empty_files(tmp_path):
     (tmp_path / "x.png").write_bytes(b"not an image at all, IEND")
-    with pytest.raises(InputError, match="not a readable image"):
+    with pytest.raises(InputError) as err:
         load_image(tmp_path / "x.png")
+    assert str(err.value) == (f"{tmp_path / 'x.png'}: not a BMP, PNG, JPEG or TIFF image "
+                              "(its first bytes match none of them)")
+    (tmp_path / "notes.jpg").write_text("a text file named like a photo\n")
+    with pytest.raises(InputError, match="not a BMP, PNG, JPEG or TIFF image"):
+        load_image(tmp_path / "notes.jpg")
+    corrupt = b"\x89PNG\r\n\x1a\n" + bytes(100) + b"IEND\xaeB`\x82"
+    (tmp_path / "c.png").write_bytes(corrupt)
+    with pytest.raises(InputError, match="corrupt PNG image"):
+        load_image(tmp_path / "c.png")
     (tmp_path / "e.jpg").write_bytes(b"")
     with pytest.raises(InputError, match="empty image file"):
         load_image(tmp_path / "e.jpg")
@@ -59,3 +69,33 @@ def test_object_from_pixels():
     obj = object_from_pixels(np.array([[10, 5], [12, 5], [11, 8]]))
     assert (obj["x"], obj["y"]) == (11.0, 6.0)
     assert (obj["x1"], obj["y1"], obj["x2"], obj["y2"]) == (10.0, 5.0, 13.0, 9.0)
+
+
+def test_encoding_is_told_by_content_not_name(tmp_path):
+    image = _rgb()
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    (tmp_path / "really_a_png.jpg").write_bytes(encoded.tobytes())
+    np.testing.assert_array_equal(load_image(tmp_path / "really_a_png.jpg"), image)
+    assert image_format(encoded.tobytes()) == "PNG"
+    assert image_format(b"BM....") == "BMP" and image_format(b"II*\x00") == "TIFF"
+    assert image_format(b"\xff\xd8\xff\xe0") == "JPEG" and image_format(b"GIF89a") is None
+
+
+def test_grayscale_is_reported_once_and_still_loaded(tmp_path):
+    gray = _rgb()[:, :, 0]
+    cv2.imwrite(str(tmp_path / "g1.png"), gray)
+    cv2.imwrite(str(tmp_path / "g2.png"), cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))  # 3 equal
+    cv2.imwrite(str(tmp_path / "c.png"), cv2.cvtColor(_rgb(), cv2.COLOR_RGB2BGR))
+    messages = []
+    check = ColourCheck(messages.append)
+    loaded = [load_image(tmp_path / name, warn=check) for name in ("c.png", "g1.png", "g2.png")]
+    assert [image.shape for image in loaded] == [(20, 30, 3)] * 3
+    np.testing.assert_array_equal(loaded[1], np.stack([gray] * 3, -1))
+    assert messages == [f"{tmp_path / 'g1.png'} is grayscale; the models expect H&E colour, "
+                        "results may be poor"]
+    assert check.summary() == {"grayscale_images": [str(tmp_path / "g1.png"),
+                                                    str(tmp_path / "g2.png")]}
+    seen = []
+    load_image(tmp_path / "g1.png", warn=lambda path, what: seen.append((path, what)))
+    assert seen == [(tmp_path / "g1.png", GRAYSCALE)]
+    assert is_grayscale(loaded[1]) and not is_grayscale(loaded[0])

@@ -1,5 +1,7 @@
 """Threshold choice on whole validation fields, on a hand-made candidate table."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -80,3 +82,89 @@ def test_cli_uses_only_the_images_detect_processed(tmp_path):
     text = CliRunner().invoke(main, ["calibrate", "--truth", str(truth), "--pred",
                                      str(out / "detections.csv")]).output
     assert "--det-threshold 0.1000 --cls-threshold 0.8000" in text
+
+
+def _val_dir(tmp_path, detect_json=None):
+    out = tmp_path / "val_detections"
+    out.mkdir()
+    columns = ["image", "x", "y", "x1", "y1", "x2", "y2", "det_score", "cls_score", "accepted"]
+    _table()[columns].to_csv(out / "detections.csv", index=False)
+    pd.DataFrame({"image": ["a", "b"], "accepted": [0, 0]}).to_csv(out / "counts.csv",
+                                                                  index=False)
+    if detect_json is not None:
+        (out / "detect.json").write_text(json.dumps(detect_json))
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image,x,y\na,10,10\na,200,200\nb,,\nunseen,50,50\n")
+    return truth, out / "detections.csv"
+
+
+def test_calibrate_write_saves_the_pair_and_what_it_was_chosen_on(tmp_path):
+    from click.testing import CliRunner
+
+    from focas_keras.cli import main
+    from focas_keras.evaluation.calibrate import read_thresholds
+
+    runs = {"det": "/runs/mdet", "cls": "/runs/mclass"}
+    truth, pred = _val_dir(tmp_path, {"runs": runs, "settings": {"tta": True, "mpp": 0.2456},
+                                      "resolved": {"det_threshold": 0.05,
+                                                   "cls_threshold": 0.0}})
+    target = tmp_path / "cal" / "thresholds.json"
+    result = CliRunner().invoke(main, ["calibrate", "--truth", str(truth), "--pred", str(pred),
+                                       "--merge-px", "25", "--radius-px", "18", "--write",
+                                       str(target)])
+    assert result.exit_code == 0, result.output
+    assert f"--thresholds {target}" in result.output
+    saved = json.loads(target.read_text())
+    assert saved["det_threshold"] == pytest.approx(0.1)  # the lowest candidate's score
+    assert saved["cls_threshold"] == pytest.approx(0.8)
+    assert (saved["merge_px"], saved["tta"], saved["kind"]) == (25.0, True,
+                                                                "focas-keras thresholds")
+    assert saved["validation"]["tp"] == 2 and saved["validation"]["fp"] == 0
+    assert saved["stage1_alone"]["det_threshold"] == pytest.approx(0.3)
+    chosen = saved["chosen_on"]
+    assert (chosen["images"], chosen["mitoses"], chosen["radius_px"]) == (["a", "b"], 2, 18.0)
+    assert (chosen["truth"], chosen["pred"], chosen["format"]) == (str(truth), str(pred), None)
+    assert chosen["detect"]["runs"] == runs and chosen["detect"]["det_threshold"] == 0.05
+    assert not list(target.parent.glob("*.tmp"))  # written aside, renamed
+    back = read_thresholds(target)
+    assert (back["det_threshold"], back["cls_threshold"], back["merge_px"]) == (
+        saved["det_threshold"], saved["cls_threshold"], 25.0)
+    (pred.parent / "detect.json").unlink()
+    as_json = json.loads(CliRunner().invoke(main, [
+        "calibrate", "--truth", str(truth), "--pred", str(pred), "--json", "--write",
+        str(tmp_path / "t2.json")]).output)
+    assert as_json["written"] == str(tmp_path / "t2.json")
+    assert json.loads((tmp_path / "t2.json").read_text())["tta"] is None  # no detect.json
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "bad.json:1: not a thresholds file (invalid JSON"),
+    ("[0.1, 0.5]", "bad.json: not a thresholds file (expected a JSON object"),
+    ('{"det_threshold": 0.1}', "bad.json: not a thresholds file (no cls_threshold"),
+    ('{"det_threshold": 1.5, "cls_threshold": 0.5}', "det_threshold must be a number in [0, 1]"),
+    ('{"det_threshold": 0.1, "cls_threshold": true}', "cls_threshold must be a number"),
+    ('{"det_threshold": 0.1, "cls_threshold": 0.5, "merge_px": -1}', "merge_px must be"),
+    ('{"det_threshold": 0.1, "cls_threshold": 0.5, "tta": "yes"}', "tta must be true, false"),
+])
+def test_read_thresholds_refuses_malformed_files(tmp_path, text, message):
+    from focas_keras.errors import InputError
+    from focas_keras.evaluation.calibrate import read_thresholds
+
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(InputError) as err:
+        read_thresholds(path)
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+
+
+def test_read_thresholds_hand_written_and_missing(tmp_path):
+    from focas_keras.errors import InputError
+    from focas_keras.evaluation.calibrate import read_thresholds
+
+    path = tmp_path / "t.json"
+    path.write_text('{"det_threshold": 0, "cls_threshold": 1, "note": "by hand"}')
+    data = read_thresholds(path)
+    assert (data["det_threshold"], data["cls_threshold"], data["merge_px"], data["tta"],
+            data["note"]) == (0.0, 1.0, None, None, "by hand")
+    with pytest.raises(InputError, match="thresholds file not found"):
+        read_thresholds(tmp_path / "none.json")

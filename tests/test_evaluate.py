@@ -254,3 +254,60 @@ def test_real_icpr_centroids_as_truth():
     p = preds([(first, *xy, 0.9) for xy in truth.points[first]])
     result = evaluate(truth, p)
     assert result["tp"] == len(truth.points[first]) and result["fp"] == 0
+
+
+def _detect_dir(root, rows, processed):
+    """A detect-like output directory: detections.csv of ``rows`` and counts.csv listing
+    ``processed``."""
+    root.mkdir()
+    preds(rows).to_csv(root / "detections.csv", index=False)
+    pd.DataFrame({"image": processed, "accepted": 0}).to_csv(root / "counts.csv", index=False)
+    return root / "detections.csv"
+
+
+def test_only_processed_images_count_in_evaluate_and_calibrate(tmp_path):
+    """One rule (truth_for_predictions) for both commands: an image detect never ran on is
+    not a missed mitosis."""
+    import json
+
+    from click.testing import CliRunner
+
+    from focas_keras.cli import main
+    from focas_keras.evaluation.evaluate import processed_images, truth_for_predictions
+
+    truth = write(tmp_path / "truth.csv", "image,x,y\na,10,10\nb,50,50\nunseen,5,5\n"
+                                          "unseen,80,80\n")
+    pred = _detect_dir(tmp_path / "out", [("a", 11, 10, 0.9), ("b", 300, 300, 0.8)], ["a", "b"])
+    assert processed_images(pred) == ["a", "b"]
+    kept = truth_for_predictions(read_truth(truth), pred)
+    assert sorted(kept.points) == ["a", "b"] and sorted(kept.mpp) == ["a", "b"]
+    result = CliRunner().invoke(main, ["evaluate", "--truth", str(truth), "--pred", str(pred),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.output)
+    assert (scored["n_images"], counts(scored)) == (2, (1, 1, 1))  # not FN 3 ("unseen")
+    calibrated = json.loads(CliRunner().invoke(main, [
+        "calibrate", "--truth", str(truth), "--pred", str(pred), "--json"]).output)
+    assert calibrated["images"] == 2 and calibrated["cascade"]["fn"] == 1
+    # Without counts.csv every truth image counts (hand-made predictions).
+    (tmp_path / "out" / "counts.csv").unlink()
+    assert processed_images(pred) is None
+    scored = json.loads(CliRunner().invoke(main, ["evaluate", "--truth", str(truth), "--pred",
+                                                  str(pred), "--json"]).output)
+    assert (scored["n_images"], counts(scored)) == (3, (1, 1, 3))
+    for command in ("evaluate", "calibrate"):
+        help_text = " ".join(CliRunner().invoke(main, [command, "--help"]).output.split())
+        assert "Only the images listed in counts.csv beside --pred" in help_text
+
+
+def test_counts_naming_no_truth_image_is_a_user_error(tmp_path):
+    from focas_keras.evaluation.evaluate import truth_for_predictions
+
+    truth = read_truth(write(tmp_path / "truth.csv", "image,x,y\na,10,10\n"))
+    pred = _detect_dir(tmp_path / "out", [], ["zz"])
+    with pytest.raises(InputError, match="counts.csv: none of its 1 processed image") as err:
+        truth_for_predictions(truth, pred)
+    assert "'zz' is not" in str(err.value)
+    (tmp_path / "out" / "counts.csv").write_text("image,accepted\n,0\n")
+    with pytest.raises(InputError, match="counts.csv:2: blank image id"):
+        truth_for_predictions(truth, pred)

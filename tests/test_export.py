@@ -275,7 +275,10 @@ def test_tfsm_layer_serves_the_cascade_and_mclass(exported, cascade_layer):
                                    call_endpoint="serving_default")
     patches = crop_patches(exported["sample"], [[10, 10], [60, 70], [129, 149]], 112)
     got = layer(tf.constant(patches))["probabilities"].numpy()
-    np.testing.assert_allclose(got, exported["cascade"]._classify(patches), atol=1e-5)
+    # The served graph fuses Mclass differently from eager Keras: on some machines the last
+    # digits differ by ~3e-5, so this uses the export's own self-check tolerance.
+    np.testing.assert_allclose(got, exported["cascade"]._classify(patches),
+                               atol=compare.SCORE_TOLERANCE)
     assert layer(tf.zeros([0, 112, 112, 3], tf.uint8))["probabilities"].shape == (0,)
 
 
@@ -427,8 +430,9 @@ def test_check_prints_signatures_of_an_existing_export(exported):
     for needle in ("focasnet version 1:", "mdet version 1:", "mclass version 1:",
                    "signature_def['serving_bytes']", "inputs['patches']"):
         assert needle in result.output
-    result = CliRunner().invoke(main, ["export", "--out", str(exported["base"])])
-    assert result.exit_code == 2 and "give --det and --cls" in result.output
+    result = CliRunner().invoke(main, ["export", "--out", str(exported["base"]), "--det",
+                                       str(exported["base"])])
+    assert result.exit_code == 2 and "give both --det and --cls, or neither" in result.output
 
 
 def test_help_of_export_and_predict():

@@ -113,6 +113,55 @@ def test_overlay_colours_at_box_edges(tmp_path):
     assert not _no_tmp(tmp_path)
 
 
+def _is(pixel, rgb):
+    return tuple(int(v) for v in pixel) == tuple(rgb)
+
+
+@pytest.mark.parametrize("accepted_first", [True, False])
+def test_accepted_stay_green_where_a_rejected_box_crosses_them(accepted_first):
+    image = np.full((100, 120, 3), 128, np.uint8)
+    rows = [(20, 20, 60, 60, 0.9, 0.9, True), (40, 40, 80, 80, 0.95, 0.2, False)]
+    drawn = outputs.draw_overlay(image, _frame(rows if accepted_first else rows[::-1]),
+                                 legend=False)
+    # Where the two boxes' edges cross, the accepted one is on top.
+    assert _is(drawn[59, 40], outputs.ACCEPTED_RGB)  # accepted bottom x rejected left
+    assert _is(drawn[40, 59], outputs.ACCEPTED_RGB)  # accepted right x rejected top
+    assert _is(drawn[50, 59], outputs.ACCEPTED_RGB)  # accepted right edge inside rejected
+    # Rejected edges are 1 px: red on the edge, untouched beside it.
+    assert _is(drawn[79, 70], outputs.REJECTED_RGB) and _is(drawn[40, 70], outputs.REJECTED_RGB)
+    assert _is(drawn[78, 70], (128, 128, 128)) and _is(drawn[41, 70], (128, 128, 128))
+    # Accepted edges are thicker (2 px here).
+    assert _is(drawn[20, 30], outputs.ACCEPTED_RGB) and _is(drawn[21, 30], outputs.ACCEPTED_RGB)
+    # Without the rejected ones, their edges stay the image.
+    plain = outputs.draw_overlay(image, _frame(rows), rejected=False, legend=False)
+    assert _is(plain[79, 70], (128, 128, 128)) and _is(plain[59, 40], outputs.ACCEPTED_RGB)
+    assert not (np.all(plain == outputs.REJECTED_RGB, axis=-1)).any()
+
+
+def test_overlay_legend_names_colours_and_counts_away_from_the_boxes():
+    assert outputs._legend_lines(1, 2, True) == [
+        ("accepted (mitoses): 1", outputs.ACCEPTED_RGB),
+        ("rejected candidates: 2", outputs.REJECTED_RGB)]
+    assert outputs._legend_lines(0, 3, False)[1][0] == "rejected candidates: 3 (not drawn)"
+    image = np.full((600, 800, 3), 200, np.uint8)
+    df = _frame([(10, 10, 60, 60, 0.9, 0.9, True), (20, 30, 70, 80, 0.8, 0.1, False),
+                 (5, 500, 50, 550, 0.7, 0.2, False)])  # top left and bottom left taken
+    drawn = outputs.draw_overlay(image, df)
+    changed = np.any(drawn != 200, axis=-1)
+    ys, xs = np.nonzero(changed[:, 400:])  # right half: the legend only
+    assert (ys.min(), xs.max() + 400) == (0, 799) and ys.max() < 60  # flush top right
+    legend = drawn[:ys.max() + 1, xs.min() + 400:].astype(int)
+    assert np.median(legend) < 100  # a dark box...
+    green = (legend[..., 1] > 150) & (legend[..., 0] < 100)
+    red = (legend[..., 0] > 150) & (legend[..., 1] < 100)
+    half = legend.shape[0] // 2
+    assert green[:half].sum() > 20 and not green[half:].any()  # ...first line green
+    assert red[half:].sum() > 20 and not red[:half].any()      # second line red
+    assert (drawn[100:400, 300:500] == 200).all()              # the middle untouched
+    tiny = outputs.draw_overlay(np.full((40, 40, 3), 200, np.uint8), df.iloc[:0])
+    assert (tiny == 200).all()  # no room for a legend: none
+
+
 def test_write_outputs_layout(tmp_path):
     image = np.full((100, 120, 3), 200, np.uint8)
     empty = A.iloc[:0]
@@ -232,3 +281,21 @@ def test_detect_cli_passes_the_cap_and_tta_into_the_settings(tmp_path, monkeypat
     assert result.exit_code == 2 and "max candidates per mm^2 must be > 0" in result.output
     help_text = CliRunner().invoke(main, ["detect", "--help"]).output
     assert "--max-candidates-per-mm2" in help_text and "--tta / --no-tta" in help_text
+
+
+def test_detect_to_dir_warns_once_about_grayscale_and_records_them(tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    colour = np.zeros((40, 60, 3), np.uint8)
+    colour[..., 2] = 200  # blue-ish in BGR: not grayscale
+    cv2.imwrite(str(src / "a.png"), colour)
+    cv2.imwrite(str(src / "b.png"), np.full((40, 60), 90, np.uint8))
+    cv2.imwrite(str(src / "c.jpg"), np.full((40, 60), 70, np.uint8))
+    messages = []
+    counts = outputs.detect_to_dir(_FakeCascade(), [src], tmp_path / "out", progress=False,
+                                   warn=messages.append)
+    assert list(counts.image) == ["a", "b", "c"]  # still run
+    assert messages == [f"{src / 'b.png'} is grayscale; the models expect H&E colour, "
+                        "results may be poor"]
+    summary = json.loads((tmp_path / "out" / "detect.json").read_text())
+    assert summary["grayscale_images"] == [str(src / "b.png"), str(src / "c.jpg")]

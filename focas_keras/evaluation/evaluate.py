@@ -110,8 +110,8 @@ def read_truth(path, fmt: str | None = None) -> Truth:
     mpp: dict[str, float | None] = {}
     if fmt is None:
         if path.is_dir():
-            raise InputError("is a directory; a centroid CSV (image,x,y) or --truth-format "
-                             "is needed", path)
+            raise InputError("is a directory; give a centroid CSV (image,x,y), or the "
+                             "dataset's format (--format)", path)
         for line, row in _read_csv_rows(path, ("image", "x", "y")):
             image = (row["image"] or "").strip()
             if not image:
@@ -174,6 +174,61 @@ def read_predictions(path) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
     return frame.astype({"image": str, "accepted": bool,
                          **{name: "float64" for name in PREDICTION_COLUMNS[1:-1]}})
+
+
+#: The file beside ``detections.csv`` that lists every image ``detect`` processed.
+COUNTS_FILE = "counts.csv"
+
+
+def processed_images(pred_path) -> list[str] | None:
+    """The images ``detect`` (or ``predict``) processed: the ``image`` column of
+    :data:`COUNTS_FILE` beside the predictions file, in file order; None when there is none.
+
+    Raises:
+        InputError: an unreadable counts file, or one without an ``image`` column (naming it
+            and the line).
+    """
+    counts = Path(pred_path).parent / COUNTS_FILE
+    if not counts.is_file():
+        return None
+    images = []
+    for line, row in _read_csv_rows(counts, ("image",)):
+        image = (row["image"] or "").strip()
+        if not image:
+            raise InputError("blank image id", counts, line)
+        images.append(image)
+    return images
+
+
+def truth_for_predictions(truth: Truth, pred_path) -> Truth:
+    """The rule by which ``evaluate`` and ``calibrate`` decide which images count.
+
+    Only the truth images listed in :data:`COUNTS_FILE` beside ``pred_path`` (those detect
+    processed) count: the rest of the truth was never looked at, so its mitoses are not
+    missed ones. Without that file, every truth image counts (its predictions file may be
+    hand-made).
+
+    Args:
+        truth: the ground truth (:func:`read_truth`).
+        pred_path: the predictions file (``detections.csv``).
+
+    Returns:
+        ``truth`` restricted to the processed images (all of it without a counts file).
+
+    Raises:
+        InputError: a counts file that names no image of the truth (the wrong --truth?).
+    """
+    processed = processed_images(pred_path)
+    if processed is None:
+        return truth
+    keep = set(processed)
+    points = {k: v for k, v in truth.points.items() if k in keep}
+    if not points and truth.points:
+        counts = Path(pred_path).parent / COUNTS_FILE
+        raise InputError(f"none of its {len(keep)} processed image(s) is in the ground truth "
+                         f"(e.g. '{processed[0]}' is not)" if processed else
+                         "lists no processed image", counts)
+    return Truth(points, {k: truth.mpp[k] for k in points})
 
 
 def radius_from(radius_px: float | None = None, radius_um: float | None = None,

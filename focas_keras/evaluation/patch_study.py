@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_tools.annotations import load_image
+from data_tools.annotations import ColourCheck, load_image
 from focas_keras.evaluation.matching import Counts, count_matches
 from focas_keras.inference.cascade import crop_patches
 
@@ -13,7 +13,7 @@ PAPER_SIZES = (64, 112, 128, 256)
 
 
 def patch_size_study(cascade, image_paths, truth_points: dict, sizes=PAPER_SIZES,
-                     radius_px: float = 20.0) -> list[dict]:
+                     radius_px: float = 20.0, warn=None) -> list[dict]:
     """Runs stage 1 once per image, then stage 2 with each crop size.
 
     Args:
@@ -23,14 +23,17 @@ def patch_size_study(cascade, image_paths, truth_points: dict, sizes=PAPER_SIZES
         truth_points: image id -> (G, 2) ground-truth centroids in input pixels.
         sizes: crop sides (px, in Mclass's pixels).
         radius_px: one-to-one match radius.
+        warn: callable taking a warning message (default: printed on stderr); called once,
+            for the first image without colour.
 
     Returns:
         One dict per size: ``patch``, ``tp``, ``fp``, ``fn``, ``precision``, ``recall``, ``f1``.
     """
     totals = {size: Counts() for size in sizes}
+    colour = ColourCheck(warn)
     for path in image_paths:
         gt = np.asarray(truth_points.get(path.stem, np.zeros((0, 2))), np.float64)
-        image = load_image(path)
+        image = load_image(path, warn=colour)
         boxes, _ = cascade.stage1(image)
         resized, sx, sy = cascade.model_image(image, "cls")
         centres_input = (np.asarray(boxes, np.float64)[:, :2] + boxes[:, 2:]) / 2.0

@@ -33,6 +33,7 @@ from focas_keras.inference.resize import resize_by
 from focas_keras.models.mclass import predict_proba, predict_proba_tta
 from focas_keras.models.mclass_config import MclassConfig
 from focas_keras.models.mdet import INPUT_MULTIPLE, Detector, load_mdet_run, mirror_indices
+from focas_keras.run_kind import MCLASS, MDET, check_run_kind
 
 #: Columns of :meth:`Cascade.run`'s table.
 RESULT_COLUMNS = ["x", "y", "x1", "y1", "x2", "y2", "det_score", "cls_score", "accepted"]
@@ -346,9 +347,12 @@ class Cascade:
                 best checkpoint) or ``model`` (the final weights).
 
         Raises:
-            InputError: a missing directory, config or checkpoint, or an unreadable file.
+            InputError: a missing directory, config or checkpoint, an unreadable file, or a
+                run of the other kind (:func:`~focas_keras.run_kind.check_run_kind`).
         """
         det_run, cls_run = Path(det_run), Path(cls_run)
+        check_run_kind(det_run, MDET, "--det")  # both before any model loads
+        check_run_kind(cls_run, MCLASS, "--cls")
         det_model, det_config = load_mdet_run(det_run, _pick_checkpoint(det_run, which))
         cls_which = _pick_checkpoint(cls_run, which)
         config_path, model_path = cls_run / "config.json", cls_run / f"{cls_which}.keras"

@@ -2,6 +2,8 @@
 
 Every file is written under a temporary name and renamed into place, so a reader never sees a
 partial file. Coordinates are input-image pixels (x = column, y = row, x2/y2 exclusive).
+Overlays show the rejected candidates thin and red under the accepted ones, thick and green,
+with a legend of both counts (:func:`draw_overlay`).
 
 GeoJSON: one ``Feature`` per *accepted* detection, its box as a closed ``Polygon`` ring in pixel
 coordinates, which is what QuPath's GeoJSON import expects (File > Import objects, or drag
@@ -108,36 +110,108 @@ def write_geojson(df_all: pd.DataFrame, path) -> None:
     _write_atomic(path, text + "\n")
 
 
-def draw_overlay(image: np.ndarray, df: pd.DataFrame, scores: bool = True) -> np.ndarray:
+def _box(row) -> tuple[tuple[int, int], tuple[int, int]]:
+    x1, y1 = int(round(row.x1)), int(round(row.y1))
+    return (x1, y1), (max(x1, int(round(row.x2)) - 1), max(y1, int(round(row.y2)) - 1))
+
+
+def _legend_lines(n_accepted: int, n_rejected: int, rejected: bool) -> list:
+    lines = [(f"accepted (mitoses): {n_accepted}", ACCEPTED_RGB)]
+    lines.append((f"rejected candidates: {n_rejected}" + ("" if rejected else " (not drawn)"),
+                  REJECTED_RGB))
+    return lines
+
+
+def _draw_legend(out: np.ndarray, lines: list, boxes: list) -> None:
+    """Draws the legend box in the image corner that overlaps the fewest candidate boxes (ties:
+    top left, top right, bottom left, bottom right), before the boxes, which are drawn over
+    it; skipped where it would take over half the width or a quarter of the height."""
+    height, width = out.shape[:2]
+    scale = min(1.2, max(0.35, max(height, width) / 2500.0))
+    thickness = 1 if scale < 0.7 else 2
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    sizes = [cv2.getTextSize(text, font, scale, thickness) for text, _ in lines]
+    line_h = max(h + base for (_, h), base in sizes) + max(2, int(4 * scale))
+    pad = max(3, int(8 * scale))
+    box_w = max(w for (w, _), _ in sizes) + 2 * pad
+    box_h = line_h * len(lines) + 2 * pad
+    if box_w > width // 2 or box_h > height // 4:  # would cover too much of a small image
+        return
+    corners = [(0, 0), (width - box_w, 0), (0, height - box_h), (width - box_w, height - box_h)]
+
+    def hidden(corner):
+        x0, y0 = corner
+        return sum(x1 < x0 + box_w and x2 >= x0 and y1 < y0 + box_h and y2 >= y0
+                   for (x1, y1), (x2, y2) in boxes)
+
+    x0, y0 = min(corners, key=hidden)
+    region = out[y0:y0 + box_h, x0:x0 + box_w]
+    region[:] = (region.astype(np.uint16) * 3 // 10).astype(np.uint8)  # darkened, 70 %
+    for k, ((text, color), ((_, text_h), _)) in enumerate(zip(lines, sizes)):
+        baseline = y0 + pad + k * line_h + text_h
+        cv2.putText(out, text, (x0 + pad, baseline), font, scale, color, thickness,
+                    cv2.LINE_AA)
+
+
+def draw_overlay(image: np.ndarray, df: pd.DataFrame, scores: bool = True,
+                 rejected: bool = True, legend: bool = True) -> np.ndarray:
     """A copy of a uint8 RGB image with the candidates drawn.
 
-    Accepted boxes in green (with their cls_score above when ``scores``), rejected ones in
-    red underneath; lines 2 px thick (3 px on images over 2000 px), on the box edges.
+    Rejected candidates are drawn first, thin (1 px, red), so the accepted ones (green, 2 px
+    thick, 3 px on images over 2000 px, with their cls_score above when ``scores``) stay
+    readable on top of them; lines lie on the box edges (x2/y2 exclusive).
+
+    Args:
+        image: uint8 (H, W, 3) RGB; not modified.
+        df: :meth:`Cascade.run`'s table (x1..y2, cls_score, accepted).
+        scores: write each accepted box's cls_score above it.
+        rejected: draw the rejected candidates (``detect --no-rejected``: not).
+        legend: draw a legend (the two colours with their counts) in the corner that
+            overlaps the fewest boxes; left out on images too small to hold it.
+
+    Returns:
+        The drawn copy, same shape and dtype.
     """
     out = np.ascontiguousarray(np.array(image, np.uint8, copy=True))
     height, width = out.shape[:2]
     thickness = 3 if max(height, width) > 2000 else 2
-    for accepted, color in ((False, REJECTED_RGB), (True, ACCEPTED_RGB)):
-        rows = df[df["accepted"].astype(bool) == accepted]
-        for row in rows.itertuples(index=False):
-            x1, y1 = int(round(row.x1)), int(round(row.y1))
-            x2, y2 = max(x1, int(round(row.x2)) - 1), max(y1, int(round(row.y2)) - 1)
-            cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness)
-            if accepted and scores:
-                cv2.putText(out, f"{row.cls_score:.2f}", (x1, max(y1 - 2 * thickness, 10)),
-                            cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness / 2, color, 1,
-                            cv2.LINE_AA)
+    accepted_mask = df["accepted"].astype(bool).to_numpy()
+    rejected_rows = list(df[~accepted_mask].itertuples(index=False))
+    accepted_rows = list(df[accepted_mask].itertuples(index=False))
+    drawn = (rejected_rows if rejected else []) + accepted_rows
+    if legend:
+        _draw_legend(out, _legend_lines(len(accepted_rows), len(rejected_rows), rejected),
+                     [_box(row) for row in drawn])
+    if rejected:
+        for row in rejected_rows:
+            cv2.rectangle(out, *_box(row), REJECTED_RGB, 1)
+    for row in accepted_rows:
+        (x1, y1), corner = _box(row)
+        cv2.rectangle(out, (x1, y1), corner, ACCEPTED_RGB, thickness)
+        if scores:
+            cv2.putText(out, f"{row.cls_score:.2f}", (x1, max(y1 - 2 * thickness, 10)),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness / 2, ACCEPTED_RGB, 1,
+                        cv2.LINE_AA)
     return out
 
 
-def write_overlay(image: np.ndarray, df: pd.DataFrame, path, quality: int = 90) -> None:
-    """Writes :func:`draw_overlay` as PNG or JPEG (by the file suffix)."""
+def write_overlay(image: np.ndarray, df: pd.DataFrame, path, quality: int = 90,
+                  rejected: bool = True) -> None:
+    """Writes :func:`draw_overlay` (with its legend) as PNG or JPEG (by the file suffix).
+
+    Args:
+        image: uint8 (H, W, 3) RGB.
+        df: the image's candidates (:meth:`Cascade.run`'s table).
+        path: ``.png``, ``.jpg`` or ``.jpeg``; written via a temporary name.
+        quality: JPEG quality.
+        rejected: also draw the rejected candidates (thin, under the accepted ones).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".png", ".jpg", ".jpeg"):
         raise ValueError(f"overlay must be .png, .jpg or .jpeg, got {path.name}")
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if suffix != ".png" else []
-    bgr = cv2.cvtColor(draw_overlay(image, df), cv2.COLOR_RGB2BGR)
+    bgr = cv2.cvtColor(draw_overlay(image, df, rejected=rejected), cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(suffix, bgr, params)
     if not ok:
         raise ValueError(f"could not encode {path.name}")
@@ -196,13 +270,15 @@ def _write_tables(out_dir: Path, frames: dict, rows: list) -> pd.DataFrame:
     return counts
 
 
-def write_outputs(out_dir, results: dict, overlays: bool = True) -> pd.DataFrame:
+def write_outputs(out_dir, results: dict, overlays: bool = True,
+                  rejected: bool = True) -> pd.DataFrame:
     """Writes every output of a set of images into ``out_dir``.
 
     Args:
         out_dir: created if needed; files there of the same names are replaced.
         results: ``{image_id: (df from Cascade.run, uint8 RGB image, mpp)}``.
         overlays: also write ``overlays/<image_id>.jpg``.
+        rejected: draw the rejected candidates on the overlays.
 
     Writes ``detections.csv``, ``detections.geojson`` (all images),
     ``geojson/<image_id>.geojson`` (one per image, for QuPath's per-image import),
@@ -218,12 +294,26 @@ def write_outputs(out_dir, results: dict, overlays: bool = True) -> pd.DataFrame
         frames[image_id] = df
         rows.append(count_row(image_id, df, image.shape[1], image.shape[0], mpp))
         if overlays:
-            write_overlay(image, df, out_dir / "overlays" / f"{image_id}.jpg")
+            write_overlay(image, df, out_dir / "overlays" / f"{image_id}.jpg",
+                          rejected=rejected)
     return _write_tables(out_dir, frames, rows)
 
 
+def _beside_progress_bar(emit):
+    """``emit``, called so that its line does not break into a tqdm progress bar on
+    stderr (the bar is cleared, the line written, the bar redrawn)."""
+    from tqdm import tqdm
+
+    def write(message):
+        with tqdm.external_write_mode():
+            emit(message)
+
+    return write
+
+
 def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: bool = True,
-                  overwrite: bool = False, extra: dict | None = None) -> pd.DataFrame:
+                  overwrite: bool = False, extra: dict | None = None, rejected: bool = True,
+                  warn=None) -> pd.DataFrame:
     """Runs the cascade on images and writes :func:`write_outputs`' files plus ``detect.json``.
 
     Images are processed one at a time (only tables are kept in memory). The output directory
@@ -231,7 +321,8 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
     ``detect.json`` holds the settings (``max_candidates_per_mm2`` and ``tta`` among them),
     the resolved thresholds and pixel sizes, and under ``stage1_cap`` each image's stage-1
     candidates and cap (:attr:`Cascade.last_stage1_info`) and the ``cap_bound_images``, whose
-    candidates the per-area cap may have cut (raise ``--max-candidates-per-mm2`` for those).
+    candidates the per-area cap may have cut (raise ``--max-candidates-per-mm2`` for those),
+    and ``grayscale_images``, the inputs without colour (the first one is warned about).
 
     Args:
         cascade: a :class:`~focas_keras.inference.cascade.Cascade`.
@@ -242,6 +333,9 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
         progress: show a progress bar over images.
         overwrite: replace an existing output directory.
         extra: more keys for ``detect.json`` (e.g. which bundled model ran).
+        rejected: draw the rejected candidates on the overlays (thin, under the accepted).
+        warn: callable taking a warning message (default: printed on stderr); called once,
+            for the first input without colour.
 
     Returns:
         The counts table (one row per image).
@@ -254,17 +348,21 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
 
     from tqdm import tqdm
 
-    from data_tools.annotations import load_image
+    from data_tools.annotations import (ColourCheck, _stderr_warning, check_image_file,
+                                        load_image)
     from focas_keras import __version__
     from focas_keras.inference.cascade import list_inputs
     from focas_keras.io import atomic_output_dir, write_json_atomic
 
     files = list_inputs(inputs)
+    for path in files:  # a non-image fails now, before any image is processed
+        check_image_file(path)
     mpp = float(cascade.settings.mpp)
+    colour = ColourCheck(_beside_progress_bar(warn or _stderr_warning))
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         frames, rows, stage1 = {}, [], {}
         for path in tqdm(files, desc="detect", unit="image", disable=not progress):
-            image = load_image(path)
+            image = load_image(path, warn=colour)
             df = cascade.run(image)
             info = getattr(cascade, "last_stage1_info", None)
             if info is not None:
@@ -272,7 +370,8 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
             frames[path.stem] = df
             rows.append(count_row(path.stem, df, image.shape[1], image.shape[0], mpp))
             if overlays:
-                write_overlay(image, df, tmp / "overlays" / f"{path.stem}.jpg")
+                write_overlay(image, df, tmp / "overlays" / f"{path.stem}.jpg",
+                              rejected=rejected)
         counts = _write_tables(tmp, frames, rows)
         write_json_atomic(tmp / "detect.json", {
             "package_version": __version__,
@@ -291,6 +390,7 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
                                      if info["cap_bound"]],
                 "images": stage1,
             },
+            **colour.summary(),
             **(extra or {}),
         })
     return counts

@@ -339,13 +339,19 @@ def load_mdet_run(run_dir, which: str = "model"):
 
     Returns:
         (keras.Model, MdetConfig).
+
+    Raises:
+        InputError: no config or checkpoint, or a directory of another kind (a train-cls
+            run, shards).
     """
     import json
     from pathlib import Path
 
     from focas_keras.errors import InputError
+    from focas_keras.run_kind import MDET, check_run_kind
 
     run_dir = Path(run_dir)
+    check_run_kind(run_dir, MDET, "--det")
     path, config_path = run_dir / f"{which}.keras", run_dir / "config.json"
     if not config_path.is_file():
         raise InputError("not a train-det run (no config.json)", run_dir)

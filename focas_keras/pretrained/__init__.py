@@ -122,7 +122,11 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
                  "fields": 15, "mitoses": 101, "slides": ["A00", "A01", "A02", "A03", "A04"],
                  "licence": "research use; cite the contest paper", "citation": CITATION},
         "pixel_sizes_um": {"input": 0.2456, "mdet": 0.4912, "mclass_crops": 0.2456},
-        "recipe": cv["recipe"],
+        "recipe": ("the whole-field recipe on all 15 fields with no validation split: prepare "
+                   "--det-grid at 0.4912 um/px (Mdet) and 112 px patches at 0.2456 um/px "
+                   "(Mclass), train-det, mine --keep-tp (every candidate on every field), "
+                   "train-cls; final weights of both; thresholds from the CV's pooled "
+                   "out-of-fold predictions of the final weights"),
         "command": command,
         "train_seconds": train_seconds,
         "thresholds": {"det_threshold": thresholds["det_threshold"],
@@ -131,11 +135,11 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
                        "chosen_on": "pooled out-of-fold predictions of the 5-fold "
                                     "leave-one-slide-out CV (all 101 mitoses)",
                        "oof_f1_at_pair": thresholds["oof_f1_at_pair"]},
-        "cv_estimate": {"protocol": "leave-one-slide-out, 5 folds, thresholds for each "
-                                    "held-out slide chosen on the other folds' pooled "
-                                    "out-of-fold predictions",
-                        "pooled": cv["pooled"]["cascade_tta" if thresholds["tta"]
-                                              else "cascade"],
+        "cv_estimate": {"protocol": "leave-one-slide-out, 5 folds, the recipe with final "
+                                    "weights (as shipped), thresholds for each held-out "
+                                    "slide chosen on the other folds' pooled out-of-fold "
+                                    "predictions",
+                        "pooled": cv["pooled"][thresholds["cv_key"]],
                         "candidate_recall": cv["candidate_recall"]},
         "limits": ["one scanner (Aperio XT) and one tissue type (breast cancer, H&E) from one "
                    "lab: expect lower accuracy on other scanners, stains and tissues",

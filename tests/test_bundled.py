@@ -1,0 +1,95 @@
+"""The bundled pretrained cascade: intact files, safe loading, the card's reference detections,
+and `detect`/`models` using it without --det/--cls."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from focas_keras import pretrained
+from focas_keras.cli import main
+from focas_keras.errors import InputError
+from focas_keras.io import sha256_file
+
+
+def test_the_default_model_is_bundled_with_matching_checksums():
+    assert pretrained.DEFAULT in pretrained.names()
+    root, card = pretrained.model_dir(), pretrained.load_card()
+    assert set(card["files"]) == {f"{k}/{f}" for k in ("det", "cls")
+                                  for f in ("model.keras", "config.json", "run.json")}
+    for relative, digest in card["files"].items():
+        assert sha256_file(root / relative) == digest
+    size = sum((root / r).stat().st_size for r in card["files"])
+    size += pretrained.sample_field().stat().st_size
+    assert size <= 40 * 2 ** 20
+    pretrained.verify()
+    for key in ("det_threshold", "cls_threshold", "tta"):
+        assert key in card["thresholds"]
+
+
+def test_a_damaged_file_is_reported(tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "pretrained"
+    shutil.copytree(pretrained._root(), copy)
+    monkeypatch.setattr(pretrained, "_root", lambda: copy)
+    with open(copy / pretrained.DEFAULT / "cls" / "config.json", "a") as handle:
+        handle.write(" ")
+    with pytest.raises(InputError, match="sha256"):
+        pretrained.verify()
+    with pytest.raises(InputError, match="no bundled model 'nope'"):
+        pretrained.model_dir("nope")
+
+
+def test_models_load_with_safe_mode_in_a_fresh_process():
+    root = pretrained.model_dir()
+    code = ("import focas_keras, keras, sys\n"
+            "for p in sys.argv[1:]:\n"
+            "    m = keras.saving.load_model(p, safe_mode=True)\n"
+            "    print(m.name, m.count_params())\n")
+    out = subprocess.run([sys.executable, "-c", code, str(root / "det" / "model.keras"),
+                          str(root / "cls" / "model.keras")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "mdet" and int(out[1]) > 0 and int(out[3]) > 0
+
+
+def test_reference_detections_on_the_sample_field():
+    """The card records what the cascade accepts on the sample field; a fresh load must give
+    the same: equal count, positions within 0.5 px, scores within 2e-3 (float32 reductions in
+    another thread order can move the last digits; a threshold crossing would change the
+    count and fail)."""
+    from data_tools.annotations import load_image
+
+    card = pretrained.load_card()
+    cascade = pretrained.load_cascade()
+    table = cascade.run(load_image(pretrained.sample_field()))
+    accepted = table[table["accepted"]]
+    expected = np.asarray(card["reference"]["accepted"], np.float64).reshape(-1, 4)
+    assert len(table) == card["reference"]["candidates"]
+    assert len(accepted) == len(expected) > 0
+    got = accepted[["x", "y", "det_score", "cls_score"]].to_numpy(np.float64)
+    got = got[np.lexsort((got[:, 1], got[:, 0]))]
+    expected = expected[np.lexsort((expected[:, 1], expected[:, 0]))]
+    np.testing.assert_allclose(got[:, :2], expected[:, :2], atol=0.5)
+    np.testing.assert_allclose(got[:, 2:], expected[:, 2:], atol=2e-3)
+
+
+def test_detect_without_runs_uses_the_bundled_model(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["detect", str(pretrained.sample_field()), "--out",
+                                  str(tmp_path / "out"), "--no-overlays"])
+    assert result.exit_code == 0, result.output
+    assert "bundled model icpr2012_cpu" in result.output
+    card = pretrained.load_card()
+    table = pd.read_csv(tmp_path / "out" / "detections.csv")
+    assert int(table["accepted"].sum()) == len(card["reference"]["accepted"])
+    settings = json.loads((tmp_path / "out" / "detect.json").read_text())
+    assert settings["bundled_model"] == pretrained.DEFAULT
+
+    listing = runner.invoke(main, ["models"])
+    assert listing.exit_code == 0 and pretrained.DEFAULT in listing.output
+    assert "F1" in listing.output and "ICPR 2012" in listing.output
