@@ -21,8 +21,11 @@ the Mclass run chose on its own validation slide. Each fold's result is cached a
 ``fold_<slide>.json`` (and its learning curves as ``fold_<slide>_{det,cls}_log.csv``); a rerun
 skips finished steps and folds, and the summary is rebuilt from whatever folds exist.
 
+``--final-ablation`` also detects each held-out slide with the runs' final weights (rows
+``cascade_final*``), which the bundled model uses (``experiments/train_bundled.py``).
+
 Usage:
-    FOCAS_SRC=/tmp/focas_src python experiments/recipe_cv.py --preset cpu
+    FOCAS_SRC=/tmp/focas_src python experiments/recipe_cv.py --preset cpu --final-ablation
 """
 
 from __future__ import annotations
