@@ -141,7 +141,6 @@ def detect(ctx, inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp,
     _import_tensorflow()
     from pathlib import Path
 
-    from focas_keras.inference.cascade import Cascade, CascadeSettings
     from focas_keras.inference.outputs import detect_to_dir
 
     files = _image_files(inputs)
@@ -154,15 +153,7 @@ def detect(ctx, inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp,
         _check_thresholds_runs(thresholds, det_run, cls_run)
         if card is None:
             values["tta"] = bool(values["tta"])
-            values["merge_px"] = merge_px if values["merge_px"] is None else values["merge_px"]
-            cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(**values),
-                                        which=which)
-        else:
-            from focas_keras import pretrained
-
-            cascade = Cascade.from_runs(det_run, cls_run,
-                                        pretrained.settings_from_card(card, **values),
-                                        which="model")
+        cascade = _load_cascade(det_run, cls_run, card, values, merge_px, which)
         extra = {"runs": {"det": str(Path(det_run).resolve()),
                           "cls": str(Path(cls_run).resolve())},
                  "thresholds_file": thresholds}
@@ -200,6 +191,22 @@ def _runs_or_bundled(det_run, cls_run):
     if det_run is None or cls_run is None:
         raise InputError("give both --det and --cls, or neither (the bundled model)")
     return contextlib.nullcontext((det_run, cls_run, None))
+
+
+def _load_cascade(det_run, cls_run, card, values: dict, merge_px: float, which: str):
+    """The cascade of ``_runs_or_bundled``'s runs: ``values`` (the cascade settings given) as
+    they are for the user's runs, with ``merge_px`` where no thresholds file set one; over the
+    card's settings, and the final weights, for the bundled model."""
+    from focas_keras.inference.cascade import Cascade, CascadeSettings
+
+    if card is None:
+        if values["merge_px"] is None:
+            values = {**values, "merge_px": merge_px}
+        return Cascade.from_runs(det_run, cls_run, CascadeSettings(**values), which=which)
+    from focas_keras import pretrained
+
+    return Cascade.from_runs(det_run, cls_run, pretrained.settings_from_card(card, **values),
+                             which="model")
 
 
 @main.command()
@@ -269,7 +276,6 @@ def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, t
         click.echo(savedmodel.describe_base(base, version=version))
         return
     from data_tools.annotations import ColourCheck, load_image
-    from focas_keras.inference.cascade import Cascade, CascadeSettings
 
     values = dict(mpp=mpp, tile=tile, overlap=overlap, tile_batch=tile_batch,
                   det_threshold=det_threshold, cls_threshold=cls_threshold, patch=patch,
@@ -277,18 +283,12 @@ def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, t
     thresholds = _apply_thresholds_file(ctx, thresholds_file, values)
     with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
         _check_thresholds_runs(thresholds, det_run, cls_run)
-        if card is None:
-            values["merge_px"] = merge_px if values["merge_px"] is None else values["merge_px"]
-            cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(**values),
-                                        which=which)
-        else:
-            from focas_keras import pretrained
-
+        if card is not None:
             if card["thresholds"].get("tta"):
                 click.echo("note: the served graph scores each crop once (no TTA), so its "
                            "accepted set may differ slightly from `detect` with this model")
-            cascade = Cascade.from_runs(det_run, cls_run, pretrained.settings_from_card(
-                card, **values, tta=False), which="model")
+            values["tta"] = False
+        cascade = _load_cascade(det_run, cls_run, card, values, merge_px, which)
         image = load_image(sample, warn=ColourCheck(_warn)) if sample else None
         try:
             result = savedmodel.export(cascade, base, name=name, det_name=det_name,
