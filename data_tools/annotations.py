@@ -172,6 +172,11 @@ def check_image_file(path) -> str:
             head = handle.read(16)
     except OSError as err:
         raise InputError(f"cannot read image ({err.strerror or err})", path) from None
+    return _format_or_error(head, path)
+
+
+def _format_or_error(head: bytes, path: Path) -> str:
+    """The encoding told by a file's first bytes; InputError when empty or none known."""
     if not head:
         raise InputError("empty image file", path)
     fmt = image_format(head)
@@ -212,11 +217,7 @@ def load_image(path, warn=None) -> np.ndarray:
         data = path.read_bytes()
     except OSError as err:
         raise InputError(f"cannot read image ({err.strerror or err})", path) from None
-    if not data:
-        raise InputError("empty image file", path)
-    fmt = image_format(data)
-    if fmt is None:
-        raise InputError(_NOT_AN_IMAGE, path)
+    fmt = _format_or_error(data, path)
     reason = _looks_truncated(fmt, data)
     if reason:
         raise InputError(reason, path)
