@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from icpr2012_cv import (DEFAULT_DATA, IMAGE_SUFFIXES, SRC, _cli, make_folds,  # noqa: E402
-                         pool, select, slides_of)
+from icpr2012_cv import (DEFAULT_DATA, IMAGE_SUFFIXES, _cli, cli_env,  # noqa: E402
+                         make_folds, pool, select, slides_of)
 
 HALF_MPP = 0.4912
 VARIANTS = ("full", "half")
@@ -69,8 +68,7 @@ def run_fold(fold: dict, args, work: Path, results: Path) -> dict:
         if not (fold_dir / needed).exists():
             raise SystemExit(f"{fold_dir / needed} missing: run icpr2012_cv.py first")
     log = results / f"fold_{fold['test']}.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = cli_env()
     seconds = {}
     shards, half = fold_dir / "shards_half", fold_dir / "mdet_half"
 

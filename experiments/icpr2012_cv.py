@@ -181,6 +181,13 @@ def _link_slides(data: Path, slides, out: Path) -> Path:
     return out
 
 
+def cli_env() -> dict:
+    """The environment for ``focas-keras`` steps: :data:`SRC` first on PYTHONPATH, so every
+    step imports the pinned snapshot of the package."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+
 def _cli(args, log_path: Path, env) -> str:
     """Runs ``focas-keras ARGS``; appends its output to the log; returns stdout."""
     cmd = [sys.executable, "-m", "focas_keras.cli", *map(str, args)]
@@ -218,8 +225,7 @@ def run_fold(fold: dict, args, data: Path, work: Path, results: Path) -> dict:
     fold_dir = work / f"fold_{fold['test']}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     log_path = results / f"fold_{fold['test']}.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = cli_env()
     start = time.perf_counter()
     steps = {}
 
@@ -297,8 +303,7 @@ def calibrate_fold(fold: dict, args, data: Path, work: Path, results: Path) -> d
         return json.loads(path.read_text())
     fold_dir = work / f"fold_{fold['test']}"
     log_path = results / f"fold_{fold['test']}.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = cli_env()
     val = _link_slides(data, {fold["val"]}, fold_dir / "val")
     out = fold_dir / "detections_val"
     t0 = time.perf_counter()

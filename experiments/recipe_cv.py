@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -69,18 +68,11 @@ def score_pair(truth, preds, det_threshold, cls_threshold) -> dict:
     return {k: r[k] for k in KEEP}
 
 
-def pooled_pair(truths: list, preds: list, column: str = "cls_score") -> dict:
+def pooled_pair(truths: list, preds: list) -> dict:
     """The best-F1 threshold pair on pooled fields (image names made unique per fold)."""
-    import pandas as pd
-
     from focas_keras.evaluation.calibrate import calibrate_cascade
 
-    points, frames = {}, []
-    for i, (truth, table) in enumerate(zip(truths, preds)):
-        points.update({f"{i}/{k}": v for k, v in truth.items()})
-        frames.append(table.assign(image=f"{i}/" + table["image"].astype(str),
-                                   cls_score=table[column]))
-    pooled = pd.concat(frames, ignore_index=True)
+    points, pooled = _pool(truths, preds)
     return calibrate_cascade(points, pooled, RADIUS_PX, MERGE_PX,
                              min_det_threshold=float(pooled["det_score"].min()))
 
@@ -112,8 +104,7 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
     fold_dir = work / f"fold_{fold['test']}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     log_path = results / f"fold_{fold['test']}.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = base.cli_env()
     steps = {}
     start = time.perf_counter()
 
@@ -220,8 +211,7 @@ def run_final_detections(fold, args, work: Path, results: Path) -> None:
 
     fold_dir = work / f"fold_{fold['test']}"
     log_path = results / f"fold_{fold['test']}.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = base.cli_env()
     for name, extra in (("plain", []), ("tta", ["--tta"])):
         target = results / "oof" / f"{fold['test']}_final_{name}.csv"
         if target.exists():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shutil
 import sys
 import time
@@ -37,8 +36,7 @@ SAMPLE = "A03_00.jpg"
 
 def train(args, work: Path, log_path: Path) -> tuple[Path, Path]:
     """The recipe on every HPF (no validation split); returns (Mdet run, Mclass run)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(base.SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = base.cli_env()
 
     def cli(*a):
         return base._cli(list(a), log_path, env)
