@@ -44,17 +44,9 @@ KEEP = ("tp", "fp", "fn", "precision", "recall", "f1")
 
 def stage1_ceiling(truth, preds, radius: float = 20.0) -> int:
     """Mitoses with at least one candidate centre within ``radius`` px (stage 2's ceiling)."""
-    import numpy as np
+    from focas_keras.evaluation.fields import candidate_recall
 
-    found = 0
-    for image, gt in truth.points.items():
-        gt = np.asarray(gt, np.float64).reshape(-1, 2)
-        rows = preds[preds["image"] == image][["x", "y"]].to_numpy(np.float64)
-        if not len(gt) or not len(rows):
-            continue
-        d = np.hypot(gt[:, None, 0] - rows[None, :, 0], gt[:, None, 1] - rows[None, :, 1])
-        found += int((d <= radius).any(axis=1).sum())
-    return found
+    return candidate_recall(truth.points, preds, radius)[0]
 
 
 def run_fold(fold: dict, args, work: Path, results: Path) -> dict:

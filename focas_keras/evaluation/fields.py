@@ -39,35 +39,31 @@ def candidate_table(per_image: dict) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[columns]
 
 
-def candidate_recall(truth: dict, preds: pd.DataFrame, radius_px: float) -> tuple[int, int]:
-    """(mitoses with at least one candidate within ``radius_px``, mitoses): not one-to-one."""
-    found = total = 0
+def _near(truth: dict, preds: pd.DataFrame, radius_px: float):
+    """Per image with mitoses: ``(near, det_scores)``, ``near`` bool (G, D): mitosis g has
+    candidate d within ``radius_px``; an image without candidates gives a (G, 0) matrix."""
     for image_id, points in truth.items():
         points = np.asarray(points, np.float64).reshape(-1, 2)
-        total += len(points)
-        rows = preds[preds["image"] == image_id]
-        if not len(points) or not len(rows):
+        if not len(points):
             continue
-        xy = rows[["x", "y"]].to_numpy(np.float64)
+        rows = preds[preds["image"] == image_id]
+        xy = rows[["x", "y"]].to_numpy(np.float64).reshape(-1, 2)
         d = np.hypot(points[:, None, 0] - xy[None, :, 0], points[:, None, 1] - xy[None, :, 1])
-        found += int((d.min(axis=1) <= radius_px).sum())
+        yield d <= radius_px, rows["det_score"].to_numpy(np.float64)
+
+
+def candidate_recall(truth: dict, preds: pd.DataFrame, radius_px: float) -> tuple[int, int]:
+    """(mitoses with at least one candidate within ``radius_px``, mitoses): not one-to-one."""
+    total = sum(len(np.asarray(p).reshape(-1, 2)) for p in truth.values())
+    found = sum(int(near.any(axis=1).sum()) for near, _ in _near(truth, preds, radius_px))
     return found, total
 
 
 def recall_keeping_threshold(truth: dict, preds: pd.DataFrame, radius_px: float) -> float | None:
     """The highest stage-1 threshold that keeps every mitosis that has a candidate at all: the
     smallest, over those mitoses, of their best nearby candidate's score (None: none found)."""
-    best = []
-    for image_id, points in truth.items():
-        points = np.asarray(points, np.float64).reshape(-1, 2)
-        rows = preds[preds["image"] == image_id]
-        if not len(points) or not len(rows):
-            continue
-        xy = rows[["x", "y"]].to_numpy(np.float64)
-        scores = rows["det_score"].to_numpy(np.float64)
-        d = np.hypot(points[:, None, 0] - xy[None, :, 0], points[:, None, 1] - xy[None, :, 1])
-        near = d <= radius_px
-        best += [float(scores[row].max()) for row in near if row.any()]
+    best = [float(scores[row].max()) for near, scores in _near(truth, preds, radius_px)
+            for row in near if row.any()]
     return min(best) if best else None
 
 
