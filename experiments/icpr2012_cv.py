@@ -190,7 +190,7 @@ def cli_env() -> dict:
 
 def _cli(args, log_path: Path, env) -> str:
     """Runs ``focas-keras ARGS``; appends its output to the log; returns stdout."""
-    cmd = [sys.executable, "-m", "focas_keras.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "focas_keras", *map(str, args)]
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()

@@ -407,7 +407,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/focas_recipe_cv"))
     parser.add_argument("--results", type=Path,
                         default=REPO / "experiments" / "results" / "icpr2012_cv")
-    parser.add_argument("--preset", choices=("tiny", "cpu", "paper"), default="cpu")
+    parser.add_argument("--preset", choices=("tiny", "cpu", "cpu_full", "paper"), default="cpu")
     parser.add_argument("--det-epochs", type=int, default=None)
     parser.add_argument("--cls-epochs", type=int, default=None)
     parser.add_argument("--min-det", type=float, default=0.05,

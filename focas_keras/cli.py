@@ -63,4 +63,8 @@ def main():
 from focas_keras.commands import data, detection, scoring, training  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run as ``python -m focas_keras.cli``, this file is ``__main__``, a second copy of the
+    # module: the commands registered themselves on ``focas_keras.cli.main``, so run that one.
+    from focas_keras.cli import main as registered
+
+    registered()

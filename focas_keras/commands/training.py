@@ -26,7 +26,7 @@ _PRECISION_HELP = ("Compute precision (default: the preset's; the mixed ones kee
 @click.option("--data", required=True, type=click.Path(), help="Shards from `prepare`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--preset", default="paper", show_default=True,
-              type=click.Choice(["paper", "tiny", "cpu"]),
+              type=click.Choice(["paper", "tiny", "cpu", "cpu_full"]),
               help="Named configuration (cpu: sized for a 2-core CPU).")
 @click.option("--head", type=click.Choice(["anchor", "free", "hybrid"]), default=None,
               help="Head branches (default: the preset's, hybrid).")
@@ -102,7 +102,7 @@ def _report(result: dict, out) -> None:
 @click.option("--data", required=True, type=click.Path(), help="Shards from `prepare`/`mine`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--preset", default="paper", show_default=True,
-              type=click.Choice(["paper", "tiny", "cpu"]),
+              type=click.Choice(["paper", "tiny", "cpu", "cpu_full"]),
               help="Named configuration (cpu: sized for a 2-core CPU).")
 @click.option("--init-weights", type=click.Path(), default=None,
               help="Local Keras weights file (.weights.h5) of an Mclass or its backbone.")

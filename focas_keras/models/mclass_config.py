@@ -125,7 +125,8 @@ def preset(name: str) -> MclassConfig:
     batch 64 with half mitosis patches. ``tiny``: ResNet-18 at width 0.25, Adam lr 2e-3,
     4 epochs, batch 32 -- a couple of CPU minutes (tests, demo). ``cpu``: ResNet-18 at half
     width, Adam lr 1e-3 (x0.1 after epoch 6), 8 epochs, batch 64: the whole-field recipe on a
-    2-core CPU, where the mined candidates make the training set ~10x larger.
+    2-core CPU, where the mined candidates make the training set ~10x larger. ``cpu_full``:
+    ResNet-34 at half width, otherwise ``cpu`` (goes with Mdet's ``cpu_full``).
     """
     if name == "paper":
         return MclassConfig().validate()
@@ -141,8 +142,14 @@ def preset(name: str) -> MclassConfig:
             train=MclassTrainConfig(optimizer="adam", learning_rate=1e-3, epochs=8,
                                     decay_epochs=(6,), batch_size=64),
         ).validate()
+    if name == "cpu_full":
+        return MclassConfig(
+            model=MclassModelConfig(depth=34, width=0.5, input_size=64),
+            train=MclassTrainConfig(optimizer="adam", learning_rate=1e-3, epochs=8,
+                                    decay_epochs=(6,), batch_size=64),
+        ).validate()
     raise InputError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
 
 
 #: Names :func:`preset` knows.
-PRESETS = ("paper", "tiny", "cpu")
+PRESETS = ("paper", "tiny", "cpu", "cpu_full")

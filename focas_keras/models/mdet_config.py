@@ -141,6 +141,8 @@ def preset(name: str) -> MdetConfig:
     ``cpu``: sized for the whole-field recipe on a 2-core CPU: ResNet-18 at half width (CBAM,
     GN+WS), FPN P3-P5 with 64 channels, towers of 2, Adam lr 1e-3, 12 epochs (about 4x
     ``tiny``'s cost per step; see experiments/RESULTS.md for measured steps/s).
+    ``cpu_full``: ``cpu`` at full ResNet-18 width with a 128-channel FPN (about 3x ``cpu``'s
+    cost per step), the candidate for the largest model whose recipe fits 45 CPU minutes.
     """
     if name == "paper":
         return MdetConfig().validate()
@@ -162,8 +164,17 @@ def preset(name: str) -> MdetConfig:
                               warmup_steps=50, decay_epochs=(9,), clip_norm=10.0, epochs=12,
                               batch_size=8),
         ).validate()
+    if name == "cpu_full":
+        return MdetConfig(
+            backbone=BackboneConfig(depth=18, norm="gn", ws=True, cbam=True, width=1.0),
+            fpn=FPNConfig(channels=128, min_level=3, max_level=5),
+            head=HeadConfig(tower_depth=2, base_sizes=(24, 48, 96)),
+            train=TrainConfig(optimizer="adam", learning_rate=1e-3, weight_decay=0.0,
+                              warmup_steps=50, decay_epochs=(9,), clip_norm=10.0, epochs=12,
+                              batch_size=8),
+        ).validate()
     raise InputError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
 
 
 #: Names :func:`preset` knows.
-PRESETS = ("paper", "tiny", "cpu")
+PRESETS = ("paper", "tiny", "cpu", "cpu_full")
