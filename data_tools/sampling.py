@@ -7,38 +7,16 @@ exclusive.
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 
 def crop(image: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:
-    """A ``size`` x ``size`` crop with top-left (x0, y0), reflect-padded where it leaves the image.
+    """A ``size`` x ``size`` crop with top-left (x0, y0), reflect-padded where it leaves the image:
+    :func:`focas_keras.inference.tiling.reflect_crop`, the one crop rule of training and
+    inference."""
+    from focas_keras.inference.tiling import reflect_crop
 
-    Args:
-        image: uint8 (H, W, 3).
-        x0, y0: top-left corner, may be negative or past the border.
-        size: side of the crop.
-
-    Returns:
-        uint8 (size, size, 3).
-    """
-    height, width = image.shape[:2]
-    x1, y1 = x0 + size, y0 + size
-    if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height:
-        return np.ascontiguousarray(image[y0:y1, x0:x1])
-    cx0, cy0 = max(x0, 0), max(y0, 0)
-    cx1, cy1 = min(x1, width), min(y1, height)
-    if cx0 >= cx1 or cy0 >= cy1:
-        raise ValueError(f"crop at ({x0}, {y0}) size {size} misses the {width}x{height} image")
-    inner = image[cy0:cy1, cx0:cx1]
-    pads = (cy0 - y0, y1 - cy1, cx0 - x0, x1 - cx1)
-    # BORDER_REFLECT_101 needs the pad to be smaller than the inner size; repeat if not.
-    while any(pads):
-        step = [min(p, max(1, s - 1)) for p, s in
-                zip(pads, (inner.shape[0],) * 2 + (inner.shape[1],) * 2)]
-        inner = cv2.copyMakeBorder(inner, *step, cv2.BORDER_REFLECT_101)
-        pads = tuple(p - s for p, s in zip(pads, step))
-    return np.ascontiguousarray(inner)
+    return reflect_crop(image, x0, y0, size)
 
 
 def boxes_in_tile(boxes: np.ndarray, x0: int, y0: int, size: int,

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 from focas_keras.errors import InputError  # noqa: E402
 from focas_keras.inference import cascade as cascade_module  # noqa: E402
+from focas_keras.inference import tiling as tiling_module  # noqa: E402
 from focas_keras.inference.cascade import (  # noqa: E402
     RESULT_COLUMNS, Cascade, CascadeSettings, crop_patches, list_inputs, run_cls_threshold,
     tile_starts)
@@ -118,7 +119,7 @@ def test_tiling_check_catches_tile_edge_copies(monkeypatch):
     """Without the ownership rule, copies cut by tile edges survive NMS: the check above
     would fail (so it tests something)."""
     image, truth = _squares_image()
-    monkeypatch.setattr(cascade_module, "_ownership",
+    monkeypatch.setattr(tiling_module, "ownership",
                         lambda starts, tile: [(-np.inf, np.inf)] * len(starts))
     boxes, _ = FakeCascade(_uncapped(det_threshold=0.0, tile=160, overlap=96)).stage1(image)
     assert len(boxes) > len(truth)
@@ -506,7 +507,7 @@ def test_whole_image_and_512_px_tiles_agree_on_a_real_field(tiny_mdet, icpr_dir)
     scores, keeps the candidates below every cap (caps: their own test).
     """
     from data_tools.annotations import load_image
-    from focas_keras.inference.cascade import _ownership
+    from focas_keras.inference.tiling import ownership as _ownership
 
     model, config = tiny_mdet
     config = config.override(**{"inference.nms_iou": 1.0})

@@ -470,7 +470,7 @@ def test_in_graph_merge_equals_merge_points():
 
 
 def test_in_graph_tile_grid_equals_tile_starts():
-    from focas_keras.inference.cascade import _ownership, tile_starts
+    from focas_keras.inference.tiling import ownership as _ownership, tile_starts
 
     for length in (64, 65, 150, 320, 2084):
         starts, lo, hi = graph.tile_grid(tf.constant(length), 64, 16)

@@ -3,13 +3,13 @@
 Every step of :meth:`focas_keras.inference.cascade.Cascade.run` in tiled mode runs inside the
 graph, with the same arithmetic: uint8 pixels -> mirror-pad to at least one tile (as
 :func:`~focas_keras.models.mdet.mirror_indices`) -> tiles on the
-:func:`~focas_keras.inference.cascade.tile_starts` grid -> Mdet on batches of ``tile_batch``
+:func:`~focas_keras.inference.tiling.tile_starts` grid -> Mdet on batches of ``tile_batch``
 tiles (static tile size, so anchors are built once), each tile keeping at most the
 :func:`~focas_keras.inference.cascade.candidate_cap` of its area -> boxes offset to image
 pixels, kept only in the tile that owns their centre -> clip, threshold, class-agnostic NMS
 (the best ``min(max_detections, candidate_cap of the image)`` kept) -> ``patch`` px crops
 around each candidate centre,
-reflect-padded exactly like :func:`~focas_keras.inference.cascade.crop_patches` -> resized
+reflect-padded exactly like :func:`~focas_keras.inference.tiling.crop_patches` -> resized
 to the Mclass input like :func:`~focas_keras.models.mclass.resize_patches` -> Mclass ->
 ``accepted = probability >= cls_threshold`` -> the greedy ``merge_px`` point merge of
 :func:`~focas_keras.inference.cascade.merge_points`.
@@ -156,11 +156,11 @@ class GraphSettings:
 
 
 def tile_grid(length, tile: int, overlap: int):
-    """In-graph :func:`~focas_keras.inference.cascade.tile_starts` for ``length >= tile``.
+    """In-graph :func:`~focas_keras.inference.tiling.tile_starts` for ``length >= tile``.
 
     Returns:
         (starts int32 [n], lo float32 [n], hi float32 [n]): tile origins and the half-open
-        centre range each tile owns (``_ownership``: up to the middle of each overlap).
+        centre range each tile owns (:func:`~focas_keras.inference.tiling.ownership`: up to the middle of each overlap).
     """
     starts = tf.concat([tf.range(0, length - tile, tile - overlap), [length - tile]], 0)
     s = tf.cast(starts, tf.float32)  # exact below 2^23 px
@@ -173,7 +173,7 @@ def tile_grid(length, tile: int, overlap: int):
 def reflect_indices(centre, size: int, length):
     """Source indices along one axis of ``size`` px crops centred on ``centre``.
 
-    Reproduces :func:`data_tools.sampling.crop` exactly: the part of the crop inside the image,
+    Reproduces :func:`focas_keras.inference.tiling.reflect_crop` exactly: the part of the crop inside the image,
     then OpenCV ``BORDER_REFLECT_101`` padding repeated (each step at most ``inner - 1`` px,
     as cv2 requires) until the crop is full.
 
@@ -206,7 +206,7 @@ def reflect_indices(centre, size: int, length):
 
 
 def crop_patches(image, centres, size: int):
-    """In-graph :func:`~focas_keras.inference.cascade.crop_patches`.
+    """In-graph :func:`~focas_keras.inference.tiling.crop_patches`.
 
     Args:
         image: uint8 [H, W, 3].

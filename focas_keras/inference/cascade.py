@@ -24,15 +24,15 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
-from data_tools import sampling
 from data_tools.annotations import ICPR2012_MPP, IMAGE_EXTENSIONS
 from focas_keras.errors import InputError
 from focas_keras.inference.resize import resize_by
+from focas_keras.inference.tiling import (  # noqa: F401  (crop_patches, tile_starts: API)
+    TileGrid, crop_patches, merge_candidates, tile_starts)
 from focas_keras.models.mclass import predict_proba, predict_proba_tta
 from focas_keras.models.mclass_config import MclassConfig
-from focas_keras.models.mdet import INPUT_MULTIPLE, Detector, load_mdet_run, mirror_indices
+from focas_keras.models.mdet import INPUT_MULTIPLE, Detector, load_mdet_run
 from focas_keras.run_kind import MCLASS, MDET, check_run_kind
 
 #: Columns of :meth:`Cascade.run`'s table.
@@ -161,50 +161,6 @@ def candidate_cap(height_px: int, width_px: int, mpp: float, per_mm2: float) -> 
 def candidate_density(mpp: float, per_mm2: float) -> float:
     """Candidates per pixel of ``mpp`` um at ``per_mm2`` candidates per mm^2."""
     return float(per_mm2) * (float(mpp) / 1000.0) ** 2
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Tile origins along one axis: every ``tile - overlap`` px, the last flush with the end.
-
-    A length up to ``tile`` gives one tile at 0 (padded by the caller when shorter).
-    """
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, tile - overlap))
-    starts.append(length - tile)
-    return starts
-
-
-def _ownership(starts: list[int], tile: int) -> list[tuple[float, float]]:
-    """Half-open ``[lo, hi)`` centre range each tile keeps: up to the middle of each overlap."""
-    bounds = []
-    for i, start in enumerate(starts):
-        lo = -math.inf if i == 0 else (starts[i - 1] + tile + start) / 2.0
-        hi = math.inf if i == len(starts) - 1 else (start + tile + starts[i + 1]) / 2.0
-        bounds.append((lo, hi))
-    return bounds
-
-
-def crop_patches(image: np.ndarray, centres, size: int) -> np.ndarray:
-    """``size`` px crops centred on ``centres``, reflect-padded where they leave the image.
-
-    Args:
-        image: uint8 (H, W, 3).
-        centres: (N, 2) x, y pixels; rounded to the nearest pixel and clamped into the image.
-        size: crop side; the centre pixel lands at row and column ``size // 2``.
-
-    Returns:
-        uint8 (N, size, size, 3).
-    """
-    height, width = image.shape[:2]
-    centres = np.round(np.asarray(centres, np.float64).reshape(-1, 2)).astype(np.int64)
-    if not len(centres):
-        return np.zeros((0, size, size, 3), np.uint8)
-    centres[:, 0] = np.clip(centres[:, 0], 0, width - 1)
-    centres[:, 1] = np.clip(centres[:, 1], 0, height - 1)
-    half = size // 2
-    return np.stack([sampling.crop(image, int(cx) - half, int(cy) - half, size)
-                     for cx, cy in centres])
 
 
 def _read_json(path: Path):
@@ -442,54 +398,23 @@ class Cascade:
             found.append((boxes, scores))
             at_cap.append(full)
         else:
-            tile_cap = self.candidate_cap(tile, tile)
-            padded, valid = image, None
-            if height < tile or width < tile:  # mirrored, as Mdet pads whole images
-                rows = mirror_indices(height, max(height, tile))
-                cols = mirror_indices(width, max(width, tile))
-                padded = image[rows][:, cols]
-                # Every tile starts at 0 along a padded side, so all share this valid part.
-                valid = (min(height, tile), min(width, tile))
-            ys = tile_starts(padded.shape[0], tile, self.settings.overlap)
-            xs = tile_starts(padded.shape[1], tile, self.settings.overlap)
-            y_own, x_own = _ownership(ys, tile), _ownership(xs, tile)
-            cells = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
-            step = self.settings.tile_batch
+            grid = TileGrid(height, width, tile, self.settings.overlap)
+            padded, cells = grid.pad(image), grid.cells()
+            tile_cap, step = self.candidate_cap(tile, tile), self.settings.tile_batch
             for start in range(0, len(cells), step):
                 chunk = cells[start:start + step]
-                batch = np.stack([padded[ys[i]:ys[i] + tile, xs[j]:xs[j] + tile]
-                                  for i, j in chunk]).astype(np.float32) / 255.0
-                for (i, j), (boxes, scores, full) in zip(
-                        chunk, self._detect_capped(batch, tile_cap, valid)):
-                    boxes = boxes + np.array([xs[j], ys[i], xs[j], ys[i]], np.float32)
-                    cx = (boxes[:, 0] + boxes[:, 2]) / 2.0
-                    cy = (boxes[:, 1] + boxes[:, 3]) / 2.0
-                    # The last rule repeats decode_detections' for a padded image (an
-                    # override of _detect_tiles may not know it): a box mostly in the
-                    # padding is dropped.
-                    keep = ((cx >= x_own[j][0]) & (cx < x_own[j][1])
-                            & (cy >= y_own[i][0]) & (cy < y_own[i][1])
-                            & (cx <= width) & (cy <= height))
-                    found.append((boxes[keep], scores[keep]))
+                batch = np.stack([grid.cut(padded, c) for c in chunk]).astype(np.float32) / 255.0
+                for cell, (boxes, scores, full) in zip(
+                        chunk, self._detect_capped(batch, tile_cap, grid.valid)):
+                    found.append(grid.keep(cell, boxes, scores))
                     at_cap.append(full)
-        boxes = np.concatenate([b for b, _ in found]).reshape(-1, 4)
-        scores = np.concatenate([s for _, s in found]).reshape(-1)
-        boxes = np.stack([np.clip(boxes[:, 0], 0, width), np.clip(boxes[:, 1], 0, height),
-                          np.clip(boxes[:, 2], 0, width), np.clip(boxes[:, 3], 0, height)], 1)
-        keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-                & (scores >= self.det_threshold))
-        boxes, scores = boxes[keep].astype(np.float32), scores[keep].astype(np.float32)
-        order = np.zeros((0,), np.int64)
-        if len(boxes):
-            order = tf.image.non_max_suppression(boxes[:, [1, 0, 3, 2]], scores,
-                                                 max_output_size=len(boxes),
-                                                 iou_threshold=self.nms_iou).numpy()
         cap = self.candidate_cap(height, width)
-        kept = order[:cap]  # NMS returns the best first
-        self.last_stage1_info = {"candidates": int(len(kept)), "cap": int(cap),
-                                 "cap_bound": bool(len(order) > cap or any(at_cap)),
+        boxes, scores, survived = merge_candidates(found, height, width, self.det_threshold,
+                                                   self.nms_iou, cap)
+        self.last_stage1_info = {"candidates": int(len(scores)), "cap": int(cap),
+                                 "cap_bound": bool(survived > cap or any(at_cap)),
                                  "calls": len(at_cap), "calls_at_cap": int(sum(at_cap))}
-        return boxes[kept].reshape(-1, 4), scores[kept].reshape(-1)
+        return boxes, scores
 
     def _stage2_model(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Stage 2 on an image and boxes in Mclass's pixels."""
