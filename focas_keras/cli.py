@@ -8,7 +8,6 @@ library, registered on :data:`main` when this module is imported.
 
 from __future__ import annotations
 
-import sys
 
 import click
 
@@ -60,7 +59,7 @@ def main():
 
 
 # Registers the subcommands on ``main`` (each module decorates its commands with it).
-from focas_keras.commands import data, detection, scoring, training  # noqa: E402,F401
+from focas_keras.commands import data, detection, scoring, slides, training  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     # Run as ``python -m focas_keras.cli``, this file is ``__main__``, a second copy of the

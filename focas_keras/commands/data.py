@@ -73,7 +73,8 @@ def synth(out, images, size, seed, per_slide, mimics, overwrite):
               help="Size bound of one shard (MiB).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def prepare(src, fmt, out, mpp, target_mpp, box_size, coco_bbox, tile_size,
-            det_per_mitosis, det_empty_share, det_grid, val_fields, patch_size, cls_per_mitosis, cls_per_hard_negative,
+            det_per_mitosis, det_empty_share, det_grid, val_fields, patch_size, cls_per_mitosis,
+            cls_per_hard_negative,
             cls_background, val_slides, val_fraction, seed, shard_mb, overwrite):
     """Turn a dataset at SRC into TFRecord shards (det tiles, cls patches) + manifest.json."""
     _import_tensorflow()

@@ -160,7 +160,8 @@ def tile_grid(length, tile: int, overlap: int):
 
     Returns:
         (starts int32 [n], lo float32 [n], hi float32 [n]): tile origins and the half-open
-        centre range each tile owns (:func:`~focas_keras.inference.tiling.ownership`: up to the middle of each overlap).
+        centre range each tile owns (:func:`~focas_keras.inference.tiling.ownership`: up to
+        the middle of each overlap).
     """
     starts = tf.concat([tf.range(0, length - tile, tile - overlap), [length - tile]], 0)
     s = tf.cast(starts, tf.float32)  # exact below 2^23 px
@@ -173,7 +174,8 @@ def tile_grid(length, tile: int, overlap: int):
 def reflect_indices(centre, size: int, length):
     """Source indices along one axis of ``size`` px crops centred on ``centre``.
 
-    Reproduces :func:`focas_keras.inference.tiling.reflect_crop` exactly: the part of the crop inside the image,
+    Reproduces :func:`focas_keras.inference.tiling.reflect_crop` exactly: the part of the crop
+    inside the image,
     then OpenCV ``BORDER_REFLECT_101`` padding repeated (each step at most ``inner - 1`` px,
     as cv2 requires) until the crop is full.
 

@@ -32,6 +32,7 @@ from focas_keras.inference.tiling import (  # noqa: F401  (crop_patches, tile_st
     TileGrid, crop_patches, merge_candidates, tile_starts)
 from focas_keras.models.mclass import predict_proba, predict_proba_tta
 from focas_keras.models.mclass_config import MclassConfig
+from focas_keras.models.fold import fold_weight_standardization
 from focas_keras.models.mdet import INPUT_MULTIPLE, Detector, load_mdet_run
 from focas_keras.run_kind import MCLASS, MDET, check_run_kind
 
@@ -310,6 +311,9 @@ class Cascade:
         check_run_kind(det_run, MDET, "--det")  # both before any model loads
         check_run_kind(cls_run, MCLASS, "--cls")
         det_model, det_config = load_mdet_run(det_run, _pick_checkpoint(det_run, which))
+        # Inference only: each WSConv2D's standardised kernel computed once, not per call
+        # (outputs equal: tests/test_fold.py).
+        det_model = fold_weight_standardization(det_model)
         cls_which = _pick_checkpoint(cls_run, which)
         config_path, model_path = cls_run / "config.json", cls_run / f"{cls_which}.keras"
         if not config_path.is_file():
@@ -409,8 +413,8 @@ class Cascade:
                     found.append(grid.keep(cell, boxes, scores))
                     at_cap.append(full)
         cap = self.candidate_cap(height, width)
-        boxes, scores, survived = merge_candidates(found, height, width, self.det_threshold,
-                                                   self.nms_iou, cap)
+        boxes, scores, survived, _ = merge_candidates(found, height, width, self.det_threshold,
+                                                      self.nms_iou, cap)
         self.last_stage1_info = {"candidates": int(len(scores)), "cap": int(cap),
                                  "cap_bound": bool(survived > cap or any(at_cap)),
                                  "calls": len(at_cap), "calls_at_cap": int(sum(at_cap))}

@@ -55,3 +55,14 @@ def resize_by(image: np.ndarray, factor: float) -> tuple[np.ndarray, float, floa
     else:
         resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     return resized, new_w / width, new_h / height
+
+
+def resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``image`` (uint8 (H, W, 3)) resized to exactly ``height`` x ``width`` by
+    :func:`resize_by`'s rule: the area shrink where neither side grows, else OpenCV's bilinear
+    (a region of a slide read at a level near a stage's pixel size)."""
+    if image.shape[:2] == (height, width):
+        return image
+    if height <= image.shape[0] and width <= image.shape[1]:
+        return shrink(tf.constant(image), height, width).numpy()
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)

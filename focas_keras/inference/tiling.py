@@ -148,7 +148,8 @@ def pad_to_tile(image: np.ndarray, tile: int) -> np.ndarray:
 
 
 def merge_candidates(found, height: float, width: float, det_threshold: float,
-                     nms_iou: float, cap: int) -> tuple[np.ndarray, np.ndarray, int]:
+                     nms_iou: float, cap: int
+                     ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """The image's stage-1 candidates from its tiles' owned detections.
 
     Boxes are clipped to the image, empty ones and those under ``det_threshold`` dropped,
@@ -162,8 +163,8 @@ def merge_candidates(found, height: float, width: float, det_threshold: float,
         cap: the most candidates kept.
 
     Returns:
-        (boxes float32 (K, 4), scores float32 (K,), how many survived NMS before the cap),
-        best first.
+        (boxes float32 (K, 4), scores float32 (K,), how many survived NMS before the cap,
+        int64 (K,) index of each kept box in ``found``'s concatenation), best first.
     """
     import tensorflow as tf
 
@@ -175,6 +176,7 @@ def merge_candidates(found, height: float, width: float, det_threshold: float,
     boxes = np.stack([np.clip(boxes[:, 0], 0, width), np.clip(boxes[:, 1], 0, height),
                       np.clip(boxes[:, 2], 0, width), np.clip(boxes[:, 3], 0, height)], 1)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & (scores >= det_threshold)
+    index = np.flatnonzero(keep)
     boxes, scores = boxes[keep].astype(np.float32), scores[keep].astype(np.float32)
     order = np.zeros((0,), np.int64)
     if len(boxes):
@@ -182,7 +184,8 @@ def merge_candidates(found, height: float, width: float, det_threshold: float,
                                              max_output_size=len(boxes),
                                              iou_threshold=nms_iou).numpy()
     kept = order[:cap]  # NMS returns the best first
-    return boxes[kept].reshape(-1, 4), scores[kept].reshape(-1), int(len(order))
+    return (boxes[kept].reshape(-1, 4), scores[kept].reshape(-1), int(len(order)),
+            index[kept].astype(np.int64))
 
 
 def reflect_crop(image: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:

@@ -1,0 +1,98 @@
+"""``slide``: the cascade over whole-slide images, with the hotspot count and mitosis score."""
+
+from __future__ import annotations
+
+import click
+
+from focas_keras.cli import _import_tensorflow, main
+from focas_keras.commands.detection import (_apply_thresholds_file, _check_thresholds_runs,
+                                            _load_cascade, _runs_or_bundled)
+
+
+@main.command("slide")
+@click.argument("slides", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: one subdirectory per slide and slides.csv.")
+@click.option("--det", "det_run", type=click.Path(), default=None,
+              help="A train-det run (default: the bundled pretrained cascade, with --cls).")
+@click.option("--cls", "cls_run", type=click.Path(), default=None,
+              help="A train-cls run (default: the bundled pretrained cascade, with --det).")
+@click.option("--mpp", type=float, default=None,
+              help="Level-0 pixel size (um/px), overriding the slide's own (openslide.mpp-x, "
+                   "or the TIFF resolution tags); needed for plain images.")
+@click.option("--hotspot-mm2", type=float, default=2.0, show_default=True,
+              help="Area of the hotspot window (a circle), mm2.")
+@click.option("--hpf", type=int, default=None,
+              help="Hotspot as this many microscope fields (with --field-diameter-mm), e.g. "
+                   "10.")
+@click.option("--field-diameter-mm", type=float, default=None,
+              help="The microscope's field diameter (mm) for --hpf and the score's cut-offs.")
+@click.option("--no-tissue-mask", is_flag=True,
+              help="Run on every tile, tissue or not.")
+@click.option("--min-tissue", type=float, default=0.01, show_default=True,
+              help="Skip tiles whose footprint holds less than this share of tissue.")
+@click.option("--tile", type=int, default=1024, show_default=True,
+              help="Stage-1 tile side (px, multiple of 32, in Mdet's pixels).")
+@click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap (px).")
+@click.option("--det-threshold", type=float, default=None,
+              help="Stage-1 candidate threshold (default: the model's).")
+@click.option("--cls-threshold", type=float, default=None,
+              help="Stage-2 acceptance threshold (default: the model's).")
+@click.option("--thresholds", "thresholds_file", type=click.Path(dir_okay=False), default=None,
+              help="A thresholds file from `calibrate --write`, as for detect.")
+@click.option("--merge-px", type=float, default=30.0, show_default=True,
+              help="Accepted detections closer than this (px at 0.2456 um/px) to a better one "
+                   "are merged.")
+@click.option("--tta/--no-tta", default=None,
+              help="Mclass under its 8 rotations/flips (default: the model's).")
+@click.option("--which", type=click.Choice(["best", "model"]), default="best",
+              show_default=True, help="Use each run's best or final model.")
+@click.option("--on-tile-error", type=click.Choice(["continue", "fail"]), default="continue",
+              show_default=True,
+              help="A tile that cannot be read: count it as unreadable and go on, or stop the "
+                   "slide (a rerun resumes either way).")
+@click.option("--overwrite", is_flag=True,
+              help="Discard a slide directory's tiles from another run instead of refusing.")
+@click.pass_context
+def slide(ctx, slides, out, det_run, cls_run, mpp, hotspot_mm2, hpf, field_diameter_mm,
+          no_tissue_mask, min_tissue, tile, overlap, det_threshold, cls_threshold,
+          thresholds_file, merge_px, tta, which, on_tile_error, overwrite):
+    """Find mitoses in whole-slide images (.svs, .ndpi, .mrxs, .scn, pyramidal .tif, or plain
+    images with --mpp): the count, the hotspot and the Nottingham mitosis score.
+
+    A rerun with the same --out resumes from the finished tiles.
+    """
+    from pathlib import Path
+
+    from focas_keras.io import sha256_file
+    from focas_keras.slides.run import SlideSettings, open_slides, run_slides
+
+    settings = SlideSettings(tile=tile, overlap=overlap, tissue_mask=not no_tissue_mask,
+                             min_tissue=min_tissue, hotspot_mm2=hotspot_mm2, hpf=hpf,
+                             field_diameter_mm=field_diameter_mm,
+                             on_tile_error=on_tile_error)
+    for reader in open_slides(slides, mpp):  # every file checked before any model loads
+        reader.close()
+    _import_tensorflow()
+    values = dict(det_threshold=det_threshold, cls_threshold=cls_threshold, merge_px=merge_px,
+                  tta=tta)
+    thresholds = _apply_thresholds_file(ctx, thresholds_file, values)
+    with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
+        _check_thresholds_runs(thresholds, det_run, cls_run)
+        if card is None:
+            values["tta"] = bool(values["tta"])
+        cascade = _load_cascade(det_run, cls_run, card, values, merge_px, which)
+        pick = "model" if card is not None else which
+
+        def weights(run):  # what Cascade.from_runs loaded: identifies the tiles' model
+            path = Path(run) / f"{pick}.keras"
+            return sha256_file(path if path.is_file() else Path(run) / "model.keras")
+
+        model = {"det": weights(det_run), "cls": weights(cls_run)}
+    click.echo(f"stage 1 >= {cascade.det_threshold:.3f} at {cascade.det_mpp:g} um/px, stage 2 "
+               f">= {cascade.cls_threshold:.3f} at {cascade.cls_mpp:g} um/px"
+               f"{', TTA' if cascade.settings.tta else ''}; {len(slides)} slide(s)")
+    run_slides(cascade, slides, out, settings, mpp=mpp, model=model, progress=True,
+               overwrite=overwrite, echo=click.echo)
+    if len(slides) > 1:
+        click.echo(f"{out}/slides.csv: one row per slide")

@@ -1,0 +1,1 @@
+"""Whole-slide images: reading, tissue mask, tiled cascade, hotspot and report."""
