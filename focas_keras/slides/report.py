@@ -22,6 +22,7 @@ TISSUE_BGR = (255, 128, 0)
 MITOSIS_BGR = (0, 170, 0)
 HOTSPOT_BGR = (0, 0, 230)
 THUMBNAIL_SIDE = 1600
+THUMBNAIL_MIN_MPP = 2.0
 
 
 def circle_ring(x: float, y: float, radius: float, vertices: int = 128) -> list:
@@ -163,10 +164,12 @@ def write_slide_outputs(out_dir, reader, table: pd.DataFrame, summary: dict, spo
                              allow_nan=False) + "\n")
     save_mask_png(tissue.mask, out_dir / "tissue_mask.png")
     accepted = table[table["accepted"].astype(bool)][["x", "y"]].to_numpy(np.float64)
-    # The picture: about THUMBNAIL_SIDE px along the slide's long side (never finer than the
-    # slide), not the mask's coarse grid, so that a small slide stays legible.
+    # The picture: about THUMBNAIL_SIDE px along the slide's long side, not the mask's coarse
+    # grid, so that a small slide stays legible; never finer than THUMBNAIL_MIN_MPP (a small
+    # slide would otherwise be read whole at full resolution just for its picture).
     long_um = max(reader.width, reader.height) * reader.mpp
-    picture, px, py = reader.thumbnail(max(reader.mpp, long_um / THUMBNAIL_SIDE))
+    picture, px, py = reader.thumbnail(max(reader.mpp, THUMBNAIL_MIN_MPP,
+                                           long_um / THUMBNAIL_SIDE))
     _write_png(out_dir / "thumbnail.png",
                draw_thumbnail(picture, (px, py), tissue, accepted, summary, reader.mpp))
     write_json_atomic(out_dir / "summary.json", summary)
