@@ -8,7 +8,6 @@ library, registered on :data:`main` when this module is imported.
 
 from __future__ import annotations
 
-
 import click
 
 from focas_keras import __version__
