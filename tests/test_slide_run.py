@@ -150,22 +150,33 @@ def test_unreadable_tile_is_counted_or_fails_and_is_retried(tmp_path, monkeypatc
     image = _tissue_image()
     settings = SlideSettings(tile=TILE, overlap=32, tissue_mask=False)
     path = _slide(tmp_path, image)
-    real_read = SlideReader.read
+    real_read, real_reopen = SlideReader.read, SlideReader.reopen
+    state = {"sticky": False, "reopened": 0}
 
     def broken(self, x, y, width, height, level):
-        if x == 0 and y == 0 and level == 0 and width == TILE:  # the first tile only
+        """The first tile cannot be read; after that, like OpenSlide, nothing can until the
+        slide is reopened."""
+        if state["sticky"] or (x == 0 and y == 0 and level == 0 and width == TILE):
+            state["sticky"] = True
             raise SlideReadError("cannot read: bad tile", x, y, level)
         return real_read(self, x, y, width, height, level)
+
+    def reopen(self):
+        state["sticky"] = False
+        state["reopened"] += 1
+        real_reopen(self)
 
     warnings = []
     with SlideReader.open(path) as reader:
         clean = run_slide(_fake(), reader, tmp_path / "clean", settings, progress=False)
         monkeypatch.setattr(SlideReader, "read", broken)
+        monkeypatch.setattr(SlideReader, "reopen", reopen)
         summary = run_slide(_fake(), reader, tmp_path / "out", settings, progress=False,
                             warn=warnings.append)
         assert summary["tiles"]["unreadable"] == 1 and summary["complete"] is False
         assert summary["tiles"]["unreadable_cells"] == [[0, 0]]
         assert len(warnings) == 1 and "x=0, y=0" in warnings[0]
+        assert state["reopened"] >= 2  # after the failed read, and after its retry
         with pytest.raises(InputError, match=r"tile \(0, 0\) at x=0, y=0"):
             run_slide(_fake(), reader, tmp_path / "fail",
                       SlideSettings(tile=TILE, overlap=32, tissue_mask=False,

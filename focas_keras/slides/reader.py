@@ -214,6 +214,20 @@ class SlideReader:
             self._image.close()
             self._image = None
 
+    def reopen(self) -> None:
+        """Opens the file afresh: after a failed read OpenSlide refuses every later read of
+        the same handle, so a caller that goes on past an unreadable region reopens first.
+        No other thread may be reading meanwhile.
+
+        Raises:
+            InputError: the file can no longer be opened.
+        """
+        if self._image is not None:  # a plain image is decoded in memory: nothing to redo
+            return
+        if self._slide is not None:
+            self._slide.close()
+        self._slide, _ = _open_slide(self.path)
+
     def __enter__(self):
         return self
 

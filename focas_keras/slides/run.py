@@ -18,7 +18,9 @@ the candidates' coordinates, whatever the slide's size. A rerun after Ctrl-C or 
 the journal, drops a torn last line, skips the finished tiles and retries the unreadable ones;
 the final files come from the journal alone, so they equal an uninterrupted run's.
 
-A tile OpenSlide cannot read is reported with its position and, by default, counted as
+A tile OpenSlide cannot read is retried once after reopening the slide (OpenSlide refuses
+every read of a handle after an error; the reads in flight are redone), then reported with its
+position and, by default, counted as
 ``unreadable`` while the slide goes on (``summary.json`` then says ``complete: false``);
 ``on_tile_error="fail"`` stops the slide instead (the journal keeps the finished tiles).
 """
@@ -378,6 +380,18 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
                             _read_tile, reader, det, cls, grid, cell, cascade.patch)))
                         return
 
+            def recover(entries):
+                """OpenSlide refuses every read after an error: let the reads in flight end,
+                reopen the slide, and read again those that failed."""
+                for entry in entries:
+                    if entry[2] is not None:
+                        entry[2].exception()
+                reader.reopen()
+                return collections.deque(
+                    (c, sh, f if f is None or f.exception() is None else
+                     pool.submit(_read_tile, reader, det, cls, grid, c, cascade.patch))
+                    for c, sh, f in entries)
+
             for _ in range(settings.prefetch):
                 submit()
             while queue:
@@ -388,8 +402,14 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
                 else:
                     submit()
                     try:
-                        pixels, region, origin = future.result()
+                        try:
+                            pixels, region, origin = future.result()
+                        except SlideReadError:
+                            queue = recover(queue)
+                            pixels, region, origin = _read_tile(reader, det, cls, grid, cell,
+                                                                cascade.patch)
                     except SlideReadError as error:
+                        queue = recover(queue)
                         x0, y0 = grid.origin(cell)
                         where = (f"tile ({cell[0]}, {cell[1]}) at x={round(x0 * to0[0])}, "
                                  f"y={round(y0 * to0[1])} (level-0 px)")
