@@ -45,6 +45,17 @@ def _cascade_options(command):
     return command
 
 
+def _runs_options(command):
+    """``--det`` and ``--cls``, both defaulting to the bundled cascade (see
+    :func:`_runs_or_bundled`), for ``detect``, ``export`` and ``slide``."""
+    command = click.option(
+        "--cls", "cls_run", type=click.Path(), default=None,
+        help="A train-cls run (default: the bundled pretrained cascade, with --det).")(command)
+    return click.option(
+        "--det", "det_run", type=click.Path(), default=None,
+        help="A train-det run (default: the bundled pretrained cascade, with --cls).")(command)
+
+
 def _given(ctx, name: str) -> bool:
     """Whether option ``name`` was set on the command line (or by its environment variable),
     not left at its default."""
@@ -101,10 +112,7 @@ def _check_thresholds_runs(record, det_run, cls_run) -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--det", "det_run", type=click.Path(), default=None,
-              help="A train-det run (default: the bundled pretrained cascade, with --cls).")
-@click.option("--cls", "cls_run", type=click.Path(), default=None,
-              help="A train-cls run (default: the bundled pretrained cascade, with --det).")
+@_runs_options
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory (detections.csv, detections.geojson, counts.csv, "
                    "overlays/).")
@@ -227,10 +235,7 @@ def models():
 
 
 @main.command("export")
-@click.option("--det", "det_run", type=click.Path(), default=None,
-              help="A train-det run (default: the bundled pretrained cascade, with --cls).")
-@click.option("--cls", "cls_run", type=click.Path(), default=None,
-              help="A train-cls run (default: the bundled pretrained cascade, with --det).")
+@_runs_options
 @click.option("--out", "base", required=True, type=click.Path(file_okay=False),
               help="BASE directory: BASE/<name>/<version>/ SavedModels and BASE/models.config.")
 @click.option("--name", default="focasnet", show_default=True, help="Name of the cascade model.")

@@ -6,17 +6,14 @@ import click
 
 from focas_keras.cli import _import_tensorflow, main
 from focas_keras.commands.detection import (_apply_thresholds_file, _check_thresholds_runs,
-                                            _load_cascade, _runs_or_bundled)
+                                            _load_cascade, _runs_options, _runs_or_bundled)
 
 
 @main.command("slide")
 @click.argument("slides", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory: one subdirectory per slide and slides.csv.")
-@click.option("--det", "det_run", type=click.Path(), default=None,
-              help="A train-det run (default: the bundled pretrained cascade, with --cls).")
-@click.option("--cls", "cls_run", type=click.Path(), default=None,
-              help="A train-cls run (default: the bundled pretrained cascade, with --det).")
+@_runs_options
 @click.option("--mpp", type=float, default=None,
               help="Level-0 pixel size (um/px), overriding the slide's own (openslide.mpp-x, "
                    "or the TIFF resolution tags); needed for plain images.")

@@ -16,6 +16,7 @@ image (:func:`reflect_crop`, :func:`crop_patches`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import cv2
@@ -67,19 +68,19 @@ class TileGrid:
     def padded_size(self) -> tuple[int, int]:
         return max(self.height, self.tile), max(self.width, self.tile)
 
-    @property
+    @functools.cached_property
     def ys(self) -> list[int]:
         return tile_starts(self.padded_size[0], self.tile, self.overlap)
 
-    @property
+    @functools.cached_property
     def xs(self) -> list[int]:
         return tile_starts(self.padded_size[1], self.tile, self.overlap)
 
-    @property
+    @functools.cached_property
     def y_own(self) -> list[tuple[float, float]]:
         return ownership(self.ys, self.tile)
 
-    @property
+    @functools.cached_property
     def x_own(self) -> list[tuple[float, float]]:
         return ownership(self.xs, self.tile)
 

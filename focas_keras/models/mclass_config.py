@@ -143,11 +143,7 @@ def preset(name: str) -> MclassConfig:
                                     decay_epochs=(6,), batch_size=64),
         ).validate()
     if name == "cpu_full":
-        return MclassConfig(
-            model=MclassModelConfig(depth=34, width=0.5, input_size=64),
-            train=MclassTrainConfig(optimizer="adam", learning_rate=1e-3, epochs=8,
-                                    decay_epochs=(6,), batch_size=64),
-        ).validate()
+        return preset("cpu").override(**{"model.depth": 34}).validate()
     raise InputError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
 
 

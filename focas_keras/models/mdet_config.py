@@ -165,14 +165,7 @@ def preset(name: str) -> MdetConfig:
                               batch_size=8),
         ).validate()
     if name == "cpu_full":
-        return MdetConfig(
-            backbone=BackboneConfig(depth=18, norm="gn", ws=True, cbam=True, width=1.0),
-            fpn=FPNConfig(channels=128, min_level=3, max_level=5),
-            head=HeadConfig(tower_depth=2, base_sizes=(24, 48, 96)),
-            train=TrainConfig(optimizer="adam", learning_rate=1e-3, weight_decay=0.0,
-                              warmup_steps=50, decay_epochs=(9,), clip_norm=10.0, epochs=12,
-                              batch_size=8),
-        ).validate()
+        return preset("cpu").override(**{"backbone.width": 1.0, "fpn.channels": 128}).validate()
     raise InputError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
 
 
