@@ -137,7 +137,7 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
     step("train-det", lambda: (mdet / "model.keras").exists(),
          lambda: cli("train-det", "--data", det_shards, "--out", mdet, "--preset", args.preset,
                      "--seed", seed, "--set", "head.base_sizes=[12,24,48,96,192]",
-                     *det_epochs))
+                     *det_epochs, *_sets(args.det_set)))
     marker = fold_dir / "mined.txt"
     step("mine", marker.exists,
          lambda: marker.write_text(cli("mine", "--det", mdet, "--data", src, "--format",
@@ -146,7 +146,7 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
     cls_epochs = ["--epochs", args.cls_epochs] if args.cls_epochs else []
     step("train-cls", lambda: (mclass / "model.keras").exists(),
          lambda: cli("train-cls", "--data", cls_shards, "--out", mclass, "--preset",
-                     args.preset, "--seed", seed, *cls_epochs))
+                     args.preset, "--seed", seed, *cls_epochs, *_sets(args.cls_set)))
     outs = {}
     for name, extra in (("plain", []), ("tta", ["--tta"])):
         out = fold_dir / f"detections_{name}"
@@ -201,6 +201,10 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     tmp.replace(result_path)
     return result
+
+
+def _sets(overrides) -> list:
+    return [a for o in overrides or () for a in ("--set", o)]
 
 
 def run_final_detections(fold, args, work: Path, results: Path) -> None:
@@ -283,6 +287,7 @@ def summarize(folds: list, args, results: Path) -> dict:
     candidates = sum(r["candidates"] for r in finished)
     summary = {
         "preset": args.preset,
+        "overrides": {"train-det": list(args.det_set), "train-cls": list(args.cls_set)},
         "recipe": ("whole-field: prepare --det-grid --val-fields at 0.4912 um/px (Mdet) and "
                    "112 px patches at 0.2456 (Mclass); train-det selected on whole val "
                    "fields; mine --keep-tp --include-val (every candidate); train-cls "
@@ -414,6 +419,11 @@ def main(argv=None) -> int:
                         help="Stage-1 threshold of the permissive held-out run (Mdet's "
                              "inference threshold).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--det-set", action="append", default=[], metavar="SECTION.FIELD=V",
+                        help="Extra train-det --set override (repeatable), e.g. "
+                             "train.scale_jitter=0.2.")
+    parser.add_argument("--cls-set", action="append", default=[], metavar="SECTION.FIELD=V",
+                        help="Extra train-cls --set override (repeatable).")
     parser.add_argument("--folds", default="", help="Comma-separated held-out slides only.")
     parser.add_argument("--summary-only", action="store_true",
                         help="Only rebuild the summary from the cached folds.")

@@ -229,3 +229,63 @@ def test_config_validation():
         aug.AugmentConfig(blur_prob=-0.1)
     none = aug.AugmentConfig.none()
     assert not (none.flip or none.rot90 or none.translate_px or none.stain_sigma)
+
+
+_zoom = tf.function(aug.zoom, reduce_retracing=True)
+
+
+def test_zoom_boxes_follow_the_object_and_cover_the_range():
+    box = (20, 26, 36, 34)
+    image = _object_image(box)
+    boxes = np.array([box, (0, 0, 0, 0)], np.float32)
+    mask = np.array([True, False])
+    widths = []
+    for seed in SEEDS:
+        out, out_boxes, out_mask = _zoom(image, boxes, mask, tf.constant(seed), 0.25)
+        got = np.asarray(_extent(out), np.float64)
+        # Bilinear edges land within a pixel of the scaled box.
+        np.testing.assert_allclose(got, out_boxes.numpy()[0], atol=1.0)
+        np.testing.assert_array_equal(out_mask, mask)
+        widths.append(out_boxes.numpy()[0, 2] - out_boxes.numpy()[0, 0])
+    factors = np.asarray(widths) / (box[2] - box[0])
+    assert factors.min() >= 1 / 1.25 - 0.02 and factors.max() <= 1.25 + 0.02
+    assert factors.min() < 0.9 and factors.max() > 1.1  # both ways occur in 40 draws
+
+
+def test_zoom_off_is_the_identity_and_zoom_in_drops_boxes_pushed_out():
+    image = _random_image(3)
+    boxes = np.array([(0, 0, 6, 6), (28, 28, 36, 36)], np.float32)
+    mask = np.array([True, True])
+    out, out_boxes, out_mask = aug.zoom(image, boxes, mask, tf.constant((1, 1)), 0.0)
+    np.testing.assert_array_equal(out, image)
+    np.testing.assert_array_equal(out_boxes, boxes)
+    dropped = kept = 0
+    for seed in SEEDS:
+        _, out_boxes, out_mask = _zoom(image, boxes, mask, tf.constant(seed), 0.5, 0.5)
+        zoomed_in = out_boxes.numpy()[1, 2] - out_boxes.numpy()[1, 0] > 8
+        assert out_mask.numpy()[1]  # the central box always stays
+        if zoomed_in and out_boxes.numpy()[1, 2] - out_boxes.numpy()[1, 0] > 10:
+            dropped += not out_mask.numpy()[0]  # the corner box is pushed half out
+        kept += out_mask.numpy()[0]
+    assert dropped > 0 and kept > 0
+
+
+def test_zoom_leaves_the_other_draws_alone():
+    """Turning zoom on does not change which flip and rotation an element gets: the box centre
+    only moves along its ray from the image centre."""
+    geometric = dict(translate_px=0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
+                     stain_sigma=0.0, noise_std=0.0, blur_prob=0.0)
+    plain = aug.AugmentConfig(scale=0.0, **geometric)
+    zoomed = aug.AugmentConfig(scale=0.2, **geometric)
+    box = np.array([[8, 12, 20, 18]], np.float32)
+    image = _object_image((8, 12, 20, 18))
+    for seed in SEEDS[:12]:
+        _, a, _ = aug.augment_det(image, box, np.array([True]), tf.constant(seed), plain)
+        _, b, _ = aug.augment_det(image, box, np.array([True]), tf.constant(seed), zoomed)
+        ca = a.numpy()[0].reshape(2, 2).mean(0) - SIZE / 2
+        cb = b.numpy()[0].reshape(2, 2).mean(0) - SIZE / 2
+        factor = cb @ ca / (ca @ ca)
+        np.testing.assert_allclose(cb, factor * ca, atol=0.6)
+        assert 1 / 1.2 - 0.05 < factor < 1.2 + 0.05
+    with pytest.raises(ValueError, match="scale"):
+        aug.AugmentConfig(scale=1.0)

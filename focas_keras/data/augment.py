@@ -42,6 +42,9 @@ class AugmentConfig:
         flip: random horizontal and vertical flips.
         rot90: random rotation by a multiple of 90 degrees (square images only).
         translate_px: largest shift in pixels per axis (reflect fill); must be < H and W.
+        scale: zoom about the image centre by a factor drawn log-uniformly in
+            [1 / (1 + scale), 1 + scale] (bilinear; reflect fill when zooming out), so that
+            cells and mitoses of other sizes than the training slides' are seen; 0 is off.
         brightness: largest brightness delta.
         contrast: contrast factor range [1 - contrast, 1 + contrast].
         saturation: saturation factor range [1 - saturation, 1 + saturation].
@@ -57,6 +60,7 @@ class AugmentConfig:
     flip: bool = True
     rot90: bool = True
     translate_px: int = 8
+    scale: float = 0.0
     brightness: float = 0.08
     contrast: float = 0.15
     saturation: float = 0.15
@@ -70,6 +74,7 @@ class AugmentConfig:
     def __post_init__(self):
         checks = {
             "translate_px": self.translate_px >= 0 and int(self.translate_px) == self.translate_px,
+            "scale": 0 <= self.scale < 1,
             "brightness": self.brightness >= 0,
             "contrast": 0 <= self.contrast < 1,
             "saturation": 0 <= self.saturation < 1,
@@ -87,7 +92,7 @@ class AugmentConfig:
     @classmethod
     def none(cls) -> "AugmentConfig":
         """Every augmentation off: augment_det / augment_cls return their inputs unchanged."""
-        return cls(flip=False, rot90=False, translate_px=0, brightness=0.0, contrast=0.0,
+        return cls(flip=False, rot90=False, translate_px=0, scale=0.0, brightness=0.0, contrast=0.0,
                    saturation=0.0, hue=0.0, stain_sigma=0.0, noise_std=0.0, blur_prob=0.0,
                    blur_sigma=0.0)
 
@@ -202,17 +207,74 @@ def translate(image, boxes, mask, seed, max_px, min_visible=0.5):
     out = _shift_image(image, dy, dx, int(max_px))
     fdx, fdy = tf.cast(dx, tf.float32), tf.cast(dy, tf.float32)
     shifted = boxes + tf.stack([fdx, fdy, fdx, fdy])
-    height = tf.cast(tf.shape(image)[0], tf.float32)
-    width = tf.cast(tf.shape(image)[1], tf.float32)
-    upper = tf.stack([width, height, width, height])
-    clipped = tf.clip_by_value(shifted, 0.0, upper)
+    clipped, keep = _clip_visible(shifted, tf.shape(image), min_visible)
+    return out, clipped, _and_mask(mask, keep)
+
+
+def _clip_visible(moved, shape, min_visible):
+    """(boxes [N, 4] clipped to an image of ``shape``, keep [N]): a box stays valid when it
+    has area and at least ``min_visible`` of that area is left inside the image."""
+    height = tf.cast(shape[0], tf.float32)
+    width = tf.cast(shape[1], tf.float32)
+    clipped = tf.clip_by_value(moved, 0.0, tf.stack([width, height, width, height]))
 
     def area(b):
         return tf.maximum(b[:, 2] - b[:, 0], 0.0) * tf.maximum(b[:, 3] - b[:, 1], 0.0)
 
-    visible = tf.math.divide_no_nan(area(clipped), area(shifted))
-    keep = tf.logical_and(area(shifted) > 0, visible >= min_visible)
-    return out, clipped, _and_mask(mask, keep)
+    visible = tf.math.divide_no_nan(area(clipped), area(moved))
+    return clipped, tf.logical_and(area(moved) > 0, visible >= min_visible)
+
+
+def _zoom_seed(seed):
+    # Folded in rather than split off, so that the other augmentations of an element draw the
+    # same values whether zoom is on or off.
+    return tf.random.experimental.stateless_fold_in(tf.convert_to_tensor(seed), 7919)
+
+
+def zoom(image, boxes, mask, seed, max_scale, min_visible=0.5):
+    """Random zoom about the image centre, log-uniform in [1 / (1 + s), 1 + s].
+
+    The image is resized (bilinear, antialiased when shrinking) to round(z * H) x round(z * W),
+    then cut back to H x W around its centre, or padded to it by reflection when z < 1.
+
+    Args:
+        image: float32 [H, W, 3].
+        boxes: float32 [N, 4] (x1, y1, x2, y2).
+        mask: [N] validity (bool or float).
+        seed: int [2].
+        max_scale: Python float ``s`` in [0, 1); 0 returns the inputs unchanged.
+        min_visible: a box stays valid only if at least this fraction of its zoomed area is
+            left in the image.
+
+    Returns:
+        (image [H, W, 3], boxes [N, 4] scaled with the pixels and clipped, mask [N]).
+    """
+    image = _image(image)
+    boxes = tf.convert_to_tensor(boxes, tf.float32)
+    if not max_scale:
+        return image, boxes, tf.convert_to_tensor(mask)
+    bound = math.log1p(max_scale)
+    factor = tf.exp(tf.random.stateless_uniform([], seed, minval=-bound, maxval=bound))
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    new_h = tf.maximum(tf.cast(tf.round(tf.cast(height, tf.float32) * factor), tf.int32), 1)
+    new_w = tf.maximum(tf.cast(tf.round(tf.cast(width, tf.float32) * factor), tf.int32), 1)
+    resized = tf.image.resize(image, tf.stack([new_h, new_w]), antialias=True)
+    pad_h, pad_w = tf.maximum(height - new_h, 0), tf.maximum(width - new_w, 0)
+    top, left = pad_h // 2, pad_w // 2
+    padded = tf.pad(resized, [[top, pad_h - top], [left, pad_w - left], [0, 0]],
+                    mode="REFLECT")
+    off_y = (tf.shape(padded)[0] - height) // 2
+    off_x = (tf.shape(padded)[1] - width) // 2
+    out = tf.slice(padded, tf.stack([off_y, off_x, 0]), tf.stack([height, width, 3]))
+    # The exact per-axis factors (rounding), then the pad/crop offsets.
+    zy = tf.cast(new_h, tf.float32) / tf.cast(height, tf.float32)
+    zx = tf.cast(new_w, tf.float32) / tf.cast(width, tf.float32)
+    dy = tf.cast(top - off_y, tf.float32)
+    dx = tf.cast(left - off_x, tf.float32)
+    moved = boxes * tf.stack([zx, zy, zx, zy]) + tf.stack([dx, dy, dx, dy])
+    clipped, keep = _clip_visible(moved, shape, min_visible)
+    return _keep_shape(out, image), clipped, _and_mask(mask, keep)
 
 
 def color_jitter(image, seed, cfg: AugmentConfig):
@@ -349,7 +411,7 @@ def _photometric(image, seeds, cfg):
 
 
 def augment_det(image, boxes, mask, seed, cfg: AugmentConfig):
-    """Detection augmentation: flips/rot90 and translation, then photometric changes.
+    """Detection augmentation: flips/rot90, zoom and translation, then photometric changes.
 
     Args:
         image: float32 [S, S, 3] in [0, 1].
@@ -366,6 +428,7 @@ def augment_det(image, boxes, mask, seed, cfg: AugmentConfig):
     seeds = _split(seed, 6)
     if cfg.flip or cfg.rot90:
         image, boxes, mask = flip_rot90(image, boxes, mask, seeds[0], cfg.flip, cfg.rot90)
+    image, boxes, mask = zoom(image, boxes, mask, _zoom_seed(seed), cfg.scale, cfg.min_visible)
     image, boxes, mask = translate(image, boxes, mask, seeds[1], cfg.translate_px,
                                    cfg.min_visible)
     return _photometric(image, seeds[2:], cfg), boxes, mask
@@ -387,6 +450,9 @@ def augment_cls(image, seed, cfg: AugmentConfig):
     if cfg.flip or cfg.rot90:
         image, _, _ = flip_rot90(image, tf.zeros([0, 4]), tf.zeros([0], tf.bool), seeds[0],
                                  cfg.flip, cfg.rot90)
+    if cfg.scale:
+        image, _, _ = zoom(image, tf.zeros([0, 4]), tf.zeros([0], tf.bool), _zoom_seed(seed),
+                           cfg.scale)
     if cfg.translate_px:
         dy, dx = _draw_shift(seeds[1], int(cfg.translate_px))
         image = _shift_image(image, dy, dx, int(cfg.translate_px))

@@ -45,6 +45,7 @@ class MclassTrainConfig:
     positive_share: float = 0.5
     precision: str = "float32"
     augment: bool = True
+    scale_jitter: float = 0.0
     seed: int = 0
     label_smoothing: float = 0.0
 
@@ -98,6 +99,8 @@ class MclassConfig(SectionedConfig):
             (t.precision in PRECISIONS,
              f"train.precision must be float32, mixed_bfloat16 or mixed_float16, "
              f"got {t.precision!r}"),
+            (_number(t.scale_jitter) and 0 <= t.scale_jitter < 1,
+             f"train.scale_jitter must be in [0, 1), got {t.scale_jitter!r}"),
             (_integer(t.seed), f"train.seed must be an integer, got {t.seed!r}"),
             (_number(t.label_smoothing) and 0 <= t.label_smoothing < 1,
              f"train.label_smoothing must be in [0, 1), got {t.label_smoothing!r}"),

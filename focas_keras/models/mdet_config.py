@@ -74,6 +74,7 @@ class TrainConfig:
     steps_per_epoch: int = 0
     precision: str = "float32"
     augment: bool = True
+    scale_jitter: float = 0.0
     seed: int = 0
     max_boxes: int = 32
 
@@ -125,6 +126,10 @@ class MdetConfig(SectionedConfig):
             (self.train.precision in ("float32", "mixed_bfloat16", "mixed_float16"),
              "precision must be float32, mixed_bfloat16 or mixed_float16"),
             (self.input_size % 32 == 0, "input size must be a multiple of 32"),
+            (isinstance(self.train.scale_jitter, (int, float))
+             and not isinstance(self.train.scale_jitter, bool)
+             and 0 <= self.train.scale_jitter < 1,
+             f"train.scale_jitter must be in [0, 1), got {self.train.scale_jitter!r}"),
         ]
         for ok, message in checks:
             if not ok:
