@@ -59,17 +59,35 @@ def slide(ctx, slides, out, det_run, cls_run, mpp, hotspot_mm2, hpf, field_diame
 
     A rerun with the same --out resumes from the finished tiles.
     """
-    from pathlib import Path
-
-    from focas_keras.io import sha256_file
     from focas_keras.slides.run import SlideSettings, open_slides, run_slides
 
     settings = SlideSettings(tile=tile, overlap=overlap, tissue_mask=not no_tissue_mask,
                              min_tissue=min_tissue, hotspot_mm2=hotspot_mm2, hpf=hpf,
                              field_diameter_mm=field_diameter_mm,
                              on_tile_error=on_tile_error)
-    for reader in open_slides(slides, mpp):  # every file checked before any model loads
-        reader.close()
+    readers = open_slides(slides, mpp)  # every file checked before any model loads
+    try:
+        cascade, model = _slide_cascade(ctx, det_run, cls_run, which, det_threshold,
+                                        cls_threshold, merge_px, tta, thresholds_file)
+        click.echo(f"stage 1 >= {cascade.det_threshold:.3f} at {cascade.det_mpp:g} um/px, "
+                   f"stage 2 >= {cascade.cls_threshold:.3f} at {cascade.cls_mpp:g} um/px"
+                   f"{', TTA' if cascade.settings.tta else ''}; {len(readers)} slide(s)")
+        run_slides(cascade, readers, out, settings, mpp=mpp, model=model, progress=True,
+                   overwrite=overwrite, echo=click.echo)
+    finally:
+        for reader in readers:
+            reader.close()
+    if len(readers) > 1:
+        click.echo(f"{out}/slides.csv: one row per slide")
+
+
+def _slide_cascade(ctx, det_run, cls_run, which, det_threshold, cls_threshold, merge_px, tta,
+                   thresholds_file):
+    """(the Cascade, {"det", "cls"} sha256 of the weights it loaded: the tiles' model key)."""
+    from pathlib import Path
+
+    from focas_keras.io import sha256_file
+
     _import_tensorflow()
     values = dict(det_threshold=det_threshold, cls_threshold=cls_threshold, merge_px=merge_px,
                   tta=tta)
@@ -81,15 +99,8 @@ def slide(ctx, slides, out, det_run, cls_run, mpp, hotspot_mm2, hpf, field_diame
         cascade = _load_cascade(det_run, cls_run, card, values, merge_px, which)
         pick = "model" if card is not None else which
 
-        def weights(run):  # what Cascade.from_runs loaded: identifies the tiles' model
+        def weights(run):
             path = Path(run) / f"{pick}.keras"
             return sha256_file(path if path.is_file() else Path(run) / "model.keras")
 
-        model = {"det": weights(det_run), "cls": weights(cls_run)}
-    click.echo(f"stage 1 >= {cascade.det_threshold:.3f} at {cascade.det_mpp:g} um/px, stage 2 "
-               f">= {cascade.cls_threshold:.3f} at {cascade.cls_mpp:g} um/px"
-               f"{', TTA' if cascade.settings.tta else ''}; {len(slides)} slide(s)")
-    run_slides(cascade, slides, out, settings, mpp=mpp, model=model, progress=True,
-               overwrite=overwrite, echo=click.echo)
-    if len(slides) > 1:
-        click.echo(f"{out}/slides.csv: one row per slide")
+        return cascade, {"det": weights(det_run), "cls": weights(cls_run)}

@@ -146,8 +146,8 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
     _write_atomic(path, data.tobytes())
 
 
-def write_slide_outputs(out_dir, reader, table: pd.DataFrame, summary: dict, spot, tissue,
-                        thumb: np.ndarray) -> None:
+def write_slide_outputs(out_dir, reader, table: pd.DataFrame, summary: dict, spot,
+                        tissue) -> None:
     """Writes a slide's ``detections.csv``, ``detections.geojson``, ``tissue_mask.png``,
     ``thumbnail.png`` and, last, ``summary.json``."""
     from focas_keras.slides.tissue import save_mask_png

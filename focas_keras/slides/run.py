@@ -290,19 +290,6 @@ def _assemble(cascade, reader, det: StageView, records) -> pd.DataFrame:
         "cls_score": cls_scores, "accepted": accepted}, columns=RESULT_COLUMNS)
 
 
-def _tissue(reader, settings: SlideSettings):
-    """(thumbnail rgb, its TissueMap): the mask, or all-tissue with ``--no-tissue-mask``."""
-    from focas_keras.slides.tissue import TissueMap, tissue_mask
-
-    rgb, scale_x, scale_y = reader.thumbnail(settings.tissue_mpp)
-    if settings.tissue_mask:
-        thumb_mpp = reader.mpp / math.sqrt(scale_x * scale_y)
-        mask = tissue_mask(rgb, thumb_mpp)
-    else:
-        mask = np.ones(rgb.shape[:2], bool)
-    return rgb, TissueMap(mask, scale_x, scale_y)
-
-
 def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(),
               model: dict | None = None, progress: bool = True, overwrite: bool = False,
               warn=None, _after_tile=None) -> dict:
@@ -330,6 +317,7 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
     from tqdm import tqdm
 
     from focas_keras.slides.reader import SlideReadError
+    from focas_keras.slides.tissue import tissue_map
 
     warn = warn or _stderr
     start = time.perf_counter()
@@ -337,7 +325,7 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
     det, cls = StageView.of(reader, cascade.det_mpp), StageView.of(reader, cascade.cls_mpp)
     grid = TileGrid(det.height, det.width, settings.tile, settings.overlap)
     try:
-        thumb, tissue = _tissue(reader, settings)
+        tissue = tissue_map(reader, settings.tissue_mpp, detect=settings.tissue_mask)
     except SlideReadError as error:
         raise InputError(f"cannot read the slide's overview for the tissue mask ({error})",
                          reader.path) from None
@@ -438,11 +426,11 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
     records = [done[c] for c in cells if c in done]
     table = _assemble(cascade, reader, det, records)
     seconds = time.perf_counter() - start
-    return _finish(reader, out_dir, settings, table, records, failed, tissue, thumb, cascade,
+    return _finish(reader, out_dir, settings, table, records, failed, tissue, cascade,
                    seconds)
 
 
-def _finish(reader, out_dir, settings, table, records, failed, tissue, thumb, cascade,
+def _finish(reader, out_dir, settings, table, records, failed, tissue, cascade,
             seconds) -> dict:
     """Hotspot, score, and every output file of one slide (summary.json last)."""
     from focas_keras.slides import report
@@ -493,7 +481,7 @@ def _finish(reader, out_dir, settings, table, records, failed, tissue, thumb, ca
     }
     if spot is not None:
         summary["hotspot"].pop("members", None)
-    report.write_slide_outputs(out_dir, reader, table, summary, spot, tissue, thumb)
+    report.write_slide_outputs(out_dir, reader, table, summary, spot, tissue)
     return summary
 
 
@@ -547,21 +535,26 @@ def open_slides(paths, mpp: float | None = None) -> list:
     return readers
 
 
-def run_slides(cascade, paths, out_dir, settings: SlideSettings = SlideSettings(),
+def run_slides(cascade, slides, out_dir, settings: SlideSettings = SlideSettings(),
                mpp: float | None = None, model: dict | None = None, progress: bool = True,
                overwrite: bool = False, warn=None, echo=None) -> list[dict]:
     """:func:`run_slide` on several slides: ``out_dir/<slide>/`` each and ``out_dir/slides.csv``
     (rewritten after each slide).
 
     Args:
+        slides: paths (opened with :func:`open_slides` and ``mpp``, closed at the end), or
+            the readers :func:`open_slides` returned (closed at the end too).
         echo: callable given each slide's printed summary (:func:`report.summary_text`).
 
     Returns:
         The summaries, in the order given.
     """
     from focas_keras.slides import report
+    from focas_keras.slides.reader import SlideReader
 
-    readers = open_slides(paths, mpp)
+    slides = list(slides)
+    readers = (slides if slides and all(isinstance(s, SlideReader) for s in slides)
+               else open_slides(slides, mpp))
     out_dir = Path(out_dir)
     summaries = []
     try:

@@ -186,17 +186,21 @@ class TissueMap:
         return float(np.count_nonzero(self.mask)) * pixel_um2 / 1e6
 
 
-def tissue_map(reader, target_mpp: float = 8.0, **mask_kwargs) -> TissueMap:
+def tissue_map(reader, target_mpp: float = 8.0, detect: bool = True,
+               **mask_kwargs) -> TissueMap:
     """The tissue of a whole slide, from its thumbnail at about ``target_mpp``.
 
     Args:
         reader: an open :class:`focas_keras.slides.reader.SlideReader`.
         target_mpp: thumbnail pixel size, um/px.
+        detect: False takes the whole slide as tissue (``--no-tissue-mask``), on the same grid.
         **mask_kwargs: passed to :func:`tissue_mask` (``min_saturation``, ``close_um``, ...).
 
     Returns:
         The :class:`TissueMap` of the thumbnail.
     """
     rgb, scale_x, scale_y = reader.thumbnail(target_mpp)
+    if not detect:
+        return TissueMap(np.ones(rgb.shape[:2], bool), scale_x, scale_y)
     thumb_mpp = reader.mpp / math.sqrt(scale_x * scale_y)
     return TissueMap(tissue_mask(rgb, thumb_mpp, **mask_kwargs), scale_x, scale_y)
