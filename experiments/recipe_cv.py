@@ -288,6 +288,7 @@ def summarize(folds: list, args, results: Path) -> dict:
     summary = {
         "preset": args.preset,
         "overrides": {"train-det": list(args.det_set), "train-cls": list(args.cls_set)},
+        "candidate_threshold": args.min_det,
         "recipe": ("whole-field: prepare --det-grid --val-fields at 0.4912 um/px (Mdet) and "
                    "112 px patches at 0.2456 (Mclass); train-det selected on whole val "
                    "fields; mine --keep-tp --include-val (every candidate); train-cls "
