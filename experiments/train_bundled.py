@@ -34,7 +34,15 @@ NAME = "icpr2012_cpu"
 SAMPLE = "A03_00.jpg"
 
 
-def train(args, work: Path, log_path: Path) -> tuple[Path, Path]:
+def recipe_options(summary: dict) -> dict:
+    """The CV's extra trainer overrides ({"train-det": [...], "train-cls": [...]}), so that the
+    bundled runs are trained exactly as the folds whose predictions chose their thresholds."""
+    overrides = summary.get("overrides") or {}
+    return {"train-det": list(overrides.get("train-det", [])),
+            "train-cls": list(overrides.get("train-cls", []))}
+
+
+def train(args, work: Path, log_path: Path, options: dict) -> tuple[Path, Path]:
     """The recipe on every HPF (no validation split); returns (Mdet run, Mclass run)."""
     env = base.cli_env()
 
@@ -53,13 +61,14 @@ def train(args, work: Path, log_path: Path) -> tuple[Path, Path]:
             "--det-per-mitosis", 0, "--det-empty-share", 0, *common)
     if not (mdet / "model.keras").exists():
         cli("train-det", "--data", det_shards, "--out", mdet, "--preset", args.preset,
-            "--seed", args.seed, "--set", "head.base_sizes=[12,24,48,96,192]")
+            "--seed", args.seed, "--set", "head.base_sizes=[12,24,48,96,192]",
+            *recipe_cv._sets(options["train-det"]))
     if not (work / "mined.txt").exists():
         (work / "mined.txt").write_text(cli("mine", "--det", mdet, "--data", data, "--format",
                                             "icpr2012", "--out", cls_shards, "--keep-tp"))
     if not (mclass / "model.keras").exists():
         cli("train-cls", "--data", cls_shards, "--out", mclass, "--preset", args.preset,
-            "--seed", args.seed)
+            "--seed", args.seed, *recipe_cv._sets(options["train-cls"]))
     return mdet, mclass
 
 
@@ -92,6 +101,22 @@ def oof_thresholds(results: Path) -> dict:
             "cv_key": "cascade_final_tta" if tta else "cascade_final"}
 
 
+def _command(args, summary: dict, options: dict) -> str:
+    """The commands that rebuild this model: its CV, then this script on that CV."""
+    extra = [f"--det-set {o}" for o in options["train-det"]]
+    extra += [f"--cls-set {o}" for o in options["train-cls"]]
+    if summary.get("candidate_threshold", 0.05) != 0.05:
+        extra.append(f"--min-det {summary['candidate_threshold']:g}")
+    results = ""
+    default = REPO / "experiments" / "results" / "icpr2012_cv"
+    if args.results.resolve() != default.resolve():
+        rel = args.results.resolve().relative_to(REPO)
+        results = f" --results {rel.as_posix()}"
+    return (f"python experiments/recipe_cv.py --preset {args.preset} --final-ablation "
+            + "".join(f"{e} " for e in extra) + f"{results.strip()} && python "
+            f"experiments/train_bundled.py --preset {args.preset}{results}").replace("  ", " ")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=recipe_cv.DEFAULT_DATA / "images")
@@ -108,7 +133,8 @@ def main(argv=None) -> int:
     chosen = oof_thresholds(args.results)
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    mdet, mclass = train(args, args.work, args.work / "train.log")
+    options = recipe_options(chosen["cv"])
+    mdet, mclass = train(args, args.work, args.work / "train.log", options)
     seconds = time.perf_counter() - start
     out = REPO / "focas_keras" / "pretrained" / NAME
     tmp = out.with_name(out.name + ".tmp")
@@ -124,9 +150,9 @@ def main(argv=None) -> int:
         ".jpg", ".csv"))
     card = pretrained.make_card(
         name=NAME, preset=args.preset, seed=args.seed, thresholds=chosen,
-        command=f"python experiments/recipe_cv.py --preset {args.preset} --final-ablation "
-                f"&& python experiments/train_bundled.py --preset {args.preset}",
-        train_seconds=round(seconds, 1), date=datetime.date.today().isoformat())
+        command=_command(args, chosen["cv"], options),
+        train_seconds=round(seconds, 1), date=datetime.date.today().isoformat(),
+        overrides=options)
     card["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")

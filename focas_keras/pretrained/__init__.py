@@ -113,9 +113,14 @@ def reference_detections(bundle: Path, image_path: Path) -> dict:
 
 
 def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
-              train_seconds: float, date: str) -> dict:
-    """The machine-readable card of a model trained by ``experiments/train_bundled.py``."""
+              train_seconds: float, date: str, overrides: dict | None = None) -> dict:
+    """The machine-readable card of a model trained by ``experiments/train_bundled.py``.
+
+    ``overrides``: {"train-det": [...], "train-cls": [...]} ``--set`` options given on top of
+    the preset (named in the recipe text when there are any).
+    """
     cv = thresholds["cv"]
+    extra = [f"{k} --set {o}" for k, v in sorted((overrides or {}).items()) for o in v]
     return {
         "name": name, "date": date, "preset": preset, "seed": seed,
         "data": {"name": "ICPR 2012 MITOSIS contest, scanner A (Aperio XT), 15 test HPFs",
@@ -126,7 +131,8 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
                    "--det-grid at 0.4912 um/px (Mdet) and 112 px patches at 0.2456 um/px "
                    "(Mclass), train-det, mine --keep-tp (every candidate on every field), "
                    "train-cls; final weights of both; thresholds from the CV's pooled "
-                   "out-of-fold predictions of the final weights"),
+                   "out-of-fold predictions of the final weights"
+                   + (f"; on top of preset '{preset}': {', '.join(extra)}" if extra else "")),
         "command": command,
         "train_seconds": train_seconds,
         "thresholds": {"det_threshold": thresholds["det_threshold"],
