@@ -38,3 +38,15 @@ def test_bad_overrides_and_values():
         preset("huge")
     with pytest.raises(InputError, match="multiple of 32"):
         preset("tiny").override(input_size=100)
+
+
+def test_scale_jitter_is_checked_in_both_configs_and_old_configs_load_without_it():
+    from focas_keras.models import mclass_config
+
+    assert preset("cpu").override(**{"train.scale_jitter": 0.2}).train.scale_jitter == 0.2
+    for make in (preset, mclass_config.preset):
+        with pytest.raises(InputError, match="train.scale_jitter must be in"):
+            make("tiny").override(**{"train.scale_jitter": 1.5})
+    data = json.loads(preset("tiny").to_json())
+    del data["train"]["scale_jitter"]  # a run saved before the field existed
+    assert MdetConfig.from_dict(data).train.scale_jitter == 0.0
