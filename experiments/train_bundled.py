@@ -1,11 +1,19 @@
 """Rebuilds the bundled pretrained cascade (``focas_keras/pretrained/icpr2012_cpu``).
 
-The whole-field recipe (README, "Training for whole fields") on ALL 15 ICPR 2012 HPFs of
-``../shared/data/icpr2012``, preset ``cpu``, seed 0. There is no validation slide left, so both
-runs keep their final weights and the thresholds come from the leave-one-slide-out CV instead:
-the best-F1 (stage-1, stage-2) pair on the pooled out-of-fold predictions of all five folds
-(``experiments/results/icpr2012_cv/oof``; run ``experiments/recipe_cv.py`` first). Mclass TTA
-is switched on in the card only if it raised the CV's pooled F1.
+The whole-field recipe (README, "Training for whole fields") on the 15 ICPR 2012 HPFs of
+``../shared/data/icpr2012``, preset ``cpu``, seed 0, in one of two ways:
+
+- default: ALL 15 HPFs train. There is no validation slide left, so both runs keep their
+  final weights, and the thresholds are the best-F1 (stage-1, stage-2) pair on the pooled
+  out-of-fold predictions of the CV's final weights.
+- ``--val-slide S``: slide S validates, as in each CV fold (Mdet selected on its whole
+  fields, its candidates mined for Mclass's selection only), and the other slides train. The
+  bundle ships the selected checkpoints (``best.keras``), and the thresholds are the best-F1
+  pair on the pooled out-of-fold predictions of the CV's selected checkpoints.
+
+Either way the CV is ``experiments/recipe_cv.py --final-ablation`` with the same overrides
+(``--results``; run it first), and Mclass TTA is switched on in the card only if it raised
+that CV's pooled F1 under the same rule.
 
 Writes the two runs' ``model.keras``, ``config.json`` and ``run.json``, the sample field, and
 ``card.json`` (thresholds, the CV estimate, sha256 of every file, and the detections on the
@@ -13,6 +21,8 @@ sample field that ``tests/test_bundled.py`` checks) plus ``MODEL_CARD.md``.
 
 Usage:
     FOCAS_SRC=/tmp/focas_src python experiments/train_bundled.py --work /tmp/focas_bundled
+    python experiments/train_bundled.py --results experiments/results/icpr2012_cv_scale \
+        --val-slide A04
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import recipe_cv  # noqa: E402
 
 NAME = "icpr2012_cpu"
 SAMPLE = "A03_00.jpg"
+SLIDES = ("A00", "A01", "A02", "A03", "A04")
 
 
 def recipe_options(summary: dict) -> dict:
@@ -43,7 +54,8 @@ def recipe_options(summary: dict) -> dict:
 
 
 def train(args, work: Path, log_path: Path, options: dict) -> tuple[Path, Path]:
-    """The recipe on every HPF (no validation split); returns (Mdet run, Mclass run)."""
+    """The recipe on every HPF, or with ``args.val_slide`` validating; returns (Mdet run,
+    Mclass run)."""
     env = base.cli_env()
 
     def cli(*a):
@@ -52,10 +64,12 @@ def train(args, work: Path, log_path: Path, options: dict) -> tuple[Path, Path]:
     data = args.data
     det_shards, cls_shards = work / "shards_det", work / "shards_cls"
     mdet, mclass = work / "mdet", work / "mclass"
-    common = ["--val-fraction", 0, "--seed", args.seed, "--overwrite"]
+    split = ["--val-slides", args.val_slide] if args.val_slide else ["--val-fraction", 0]
+    common = [*split, "--seed", args.seed, "--overwrite"]
+    val_fields = ["--val-fields"] if args.val_slide else []
     if not (det_shards / "manifest.json").exists():
         cli("prepare", data, "--format", "icpr2012", "--out", det_shards, "--target-mpp",
-            recipe_cv.DET_MPP, "--det-grid", "--det-empty-share", 0, *common)
+            recipe_cv.DET_MPP, "--det-grid", *val_fields, "--det-empty-share", 0, *common)
     if not (cls_shards / "manifest.json").exists():
         cli("prepare", data, "--format", "icpr2012", "--out", cls_shards, "--patch-size", 112,
             "--det-per-mitosis", 0, "--det-empty-share", 0, *common)
@@ -64,19 +78,22 @@ def train(args, work: Path, log_path: Path, options: dict) -> tuple[Path, Path]:
             "--seed", args.seed, "--set", "head.base_sizes=[12,24,48,96,192]",
             *recipe_cv._sets(options["train-det"]))
     if not (work / "mined.txt").exists():
+        include_val = ["--include-val"] if args.val_slide else []
         (work / "mined.txt").write_text(cli("mine", "--det", mdet, "--data", data, "--format",
-                                            "icpr2012", "--out", cls_shards, "--keep-tp"))
+                                            "icpr2012", "--out", cls_shards, "--keep-tp",
+                                            *include_val))
     if not (mclass / "model.keras").exists():
         cli("train-cls", "--data", cls_shards, "--out", mclass, "--preset", args.preset,
             "--seed", args.seed, *recipe_cv._sets(options["train-cls"]))
     return mdet, mclass
 
 
-def oof_thresholds(results: Path) -> dict:
-    """The pair of best F1 on all folds' pooled out-of-fold predictions of the FINAL weights
-    (what this script ships: with every field in training there is nothing left to select a
-    checkpoint on), and whether TTA helped on the CV (its cross-fold pooled F1 above the plain
-    one's)."""
+def oof_thresholds(results: Path, selected: bool = False) -> dict:
+    """The pair of best F1 on all folds' pooled out-of-fold predictions of the weights this
+    script ships (``selected``: the checkpoints chosen on each fold's validation slide; else
+    the FINAL weights: with every field in training there is nothing left to select a
+    checkpoint on), and whether TTA helped on the CV under that rule (its cross-fold pooled F1
+    above the plain one's)."""
     import pandas as pd
 
     from focas_keras.evaluation import evaluate as ev
@@ -85,10 +102,11 @@ def oof_thresholds(results: Path) -> dict:
     if not summary.get("complete"):
         raise SystemExit(f"the CV in {results} is not complete (folds: {summary['folds']})")
     pooled = summary["pooled"]
-    if "cascade_final" not in pooled:
+    if not selected and "cascade_final" not in pooled:
         raise SystemExit("run experiments/recipe_cv.py --final-ablation first")
-    tta = pooled["cascade_final_tta"]["f1"] > pooled["cascade_final"]["f1"]
-    name = "final_tta" if tta else "final_plain"
+    key = "cascade" if selected else "cascade_final"
+    tta = pooled[f"{key}_tta"]["f1"] > pooled[key]["f1"]
+    name = ("tta" if tta else "plain") if selected else ("final_tta" if tta else "final_plain")
     truth = ev.read_truth(recipe_cv.DEFAULT_DATA / "images", "icpr2012").points
     truths, preds = [], []
     for slide in summary["folds"]:
@@ -98,7 +116,7 @@ def oof_thresholds(results: Path) -> dict:
     return {"det_threshold": float(pair["det_threshold"]),
             "cls_threshold": float(pair["cls_threshold"]), "tta": bool(tta),
             "oof_f1_at_pair": float(pair["f1"]), "cv": summary,
-            "cv_key": "cascade_final_tta" if tta else "cascade_final"}
+            "cv_key": f"{key}_tta" if tta else key}
 
 
 def _command(args, summary: dict, options: dict) -> str:
@@ -112,9 +130,11 @@ def _command(args, summary: dict, options: dict) -> str:
     if args.results.resolve() != default.resolve():
         rel = args.results.resolve().relative_to(REPO)
         results = f" --results {rel.as_posix()}"
+    val = f" --val-slide {args.val_slide}" if args.val_slide else ""
     return (f"python experiments/recipe_cv.py --preset {args.preset} --final-ablation "
             + "".join(f"{e} " for e in extra) + f"{results.strip()} && python "
-            f"experiments/train_bundled.py --preset {args.preset}{results}").replace("  ", " ")
+            f"experiments/train_bundled.py --preset {args.preset}{results}{val}"
+            ).replace("  ", " ")
 
 
 def main(argv=None) -> int:
@@ -125,12 +145,17 @@ def main(argv=None) -> int:
                         default=REPO / "experiments" / "results" / "icpr2012_cv")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-slide", default="",
+                        help="Validate on this slide (ship the selected checkpoints) instead "
+                             "of training on all 15 HPFs (ship the final weights).")
     args = parser.parse_args(argv)
+    if args.val_slide and args.val_slide not in SLIDES:
+        parser.error(f"--val-slide: one of {', '.join(SLIDES)}, not {args.val_slide!r}")
     sys.path.insert(0, str(base.SRC))
     from focas_keras import pretrained
     from focas_keras.io import sha256_file
 
-    chosen = oof_thresholds(args.results)
+    chosen = oof_thresholds(args.results, selected=bool(args.val_slide))
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     options = recipe_options(chosen["cv"])
@@ -139,10 +164,17 @@ def main(argv=None) -> int:
     out = REPO / "focas_keras" / "pretrained" / NAME
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    weights = "best.keras" if args.val_slide else "model.keras"
+    selection = None
     for kind, run in (("det", mdet), ("cls", mclass)):
         (tmp / kind).mkdir(parents=True)
-        for file in ("model.keras", "config.json", "run.json"):
+        shutil.copy(run / weights, tmp / kind / "model.keras")  # what the bundle runs
+        for file in ("config.json", "run.json"):
             shutil.copy(run / file, tmp / kind / file)
+    if args.val_slide:
+        selection = {"val_slide": args.val_slide, **{
+            f"{kind}_epoch": int(json.loads((run / "best.json").read_text())["metrics"]["epoch"])
+            for kind, run in (("det", mdet), ("cls", mclass))}}
     sample_dir = REPO / "focas_keras" / "pretrained" / "sample"
     sample_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.data / SAMPLE, sample_dir / SAMPLE)
@@ -152,7 +184,7 @@ def main(argv=None) -> int:
         name=NAME, preset=args.preset, seed=args.seed, thresholds=chosen,
         command=_command(args, chosen["cv"], options),
         train_seconds=round(seconds, 1), date=datetime.date.today().isoformat(),
-        overrides=options)
+        overrides=options, selection=selection)
     card["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")

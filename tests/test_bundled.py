@@ -93,3 +93,30 @@ def test_detect_without_runs_uses_the_bundled_model(tmp_path):
     listing = runner.invoke(main, ["models"])
     assert listing.exit_code == 0 and pretrained.DEFAULT in listing.output
     assert "F1" in listing.output and "ICPR 2012" in listing.output
+
+
+def _card(selection):
+    pooled = {"tp": 40, "fp": 40, "fn": 61, "precision": 0.5, "recall": 0.396, "f1": 0.442}
+    thresholds = {"det_threshold": 0.2, "cls_threshold": 0.6, "tta": True, "oof_f1_at_pair": 0.5,
+                  "cv_key": "cascade_tta",
+                  "cv": {"pooled": {"cascade_tta": pooled}, "candidate_recall": 0.9}}
+    card = pretrained.make_card("m", "cpu", 0, thresholds, "python x", 60.0, "2026-12-03",
+                                selection=selection)
+    card["files"] = {}
+    return card
+
+
+def test_the_card_says_which_weights_ship_and_how_they_were_chosen():
+    final = _card(None)
+    assert "selection" not in final
+    assert "all 15 fields with no validation split" in final["recipe"]
+    assert "final weights (as shipped)" in final["cv_estimate"]["protocol"]
+    assert "not this model (all 5 slides)" in pretrained.card_markdown(final)
+    selected = _card({"val_slide": "A04", "det_epoch": 7, "cls_epoch": 5})
+    assert selected["selection"] == {"val_slide": "A04", "det_epoch": 7, "cls_epoch": 5}
+    assert "slide A04's fields validating" in selected["recipe"]
+    assert "(Mdet epoch 7, Mclass epoch 5)" in selected["recipe"]
+    assert "checkpoints selected on each fold's validation slide (as shipped)" in (
+        selected["cv_estimate"]["protocol"])
+    assert "not this model (4 slides, A04 validating)" in pretrained.card_markdown(selected)
+    assert selected["cv_estimate"]["pooled"]["f1"] == 0.442

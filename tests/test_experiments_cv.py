@@ -135,3 +135,57 @@ def test_candidate_and_best_thresholds():
     assert t == 0.9 and (counts["tp"], counts["fp"], counts["fn"]) == (1, 0, 0)
     t, counts = cv.best_threshold(truth, preds, "stage1", 30.0)
     assert t == 0.9 and (counts["tp"], counts["fp"]) == (1, 1)
+
+
+bundled = _load("train_bundled")
+
+
+def _fake_cv(tmp_path, selected_tta_f1, final_tta_f1):
+    """A finished CV's results dir: summary.json plus one OOF table per slide and rule, each
+    table's single det_score naming its file (so the test sees which ones were pooled)."""
+    import json
+
+    pooled = {"cascade": {"f1": 0.30}, "cascade_tta": {"f1": selected_tta_f1},
+              "cascade_final": {"f1": 0.40}, "cascade_final_tta": {"f1": final_tta_f1}}
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"complete": True, "folds": ["A00", "A01"], "pooled": pooled, "candidate_recall": 0.9}))
+    (tmp_path / "oof").mkdir()
+    for i, name in enumerate(("plain", "tta", "final_plain", "final_tta")):
+        for slide in ("A00", "A01"):
+            _preds([(f"{slide}_00", 10, 10, 0.1 * (i + 1), 0.5)]).to_csv(
+                tmp_path / "oof" / f"{slide}_{name}.csv", index=False)
+    return tmp_path
+
+
+def test_bundled_thresholds_come_from_the_rule_of_the_weights_it_ships(tmp_path, monkeypatch):
+    from focas_keras.evaluation import evaluate as ev
+
+    seen = []
+    monkeypatch.setattr(ev, "read_truth", lambda *a: type("T", (), {"points": {}})())
+    monkeypatch.setattr(bundled.recipe_cv, "pooled_pair", lambda truths, preds: seen.append(
+        sorted({round(float(p["det_score"].iloc[0]), 1) for p in preds}))
+        or {"det_threshold": 0.2, "cls_threshold": 0.7, "f1": 0.5})
+    results = _fake_cv(tmp_path, selected_tta_f1=0.45, final_tta_f1=0.35)
+    chosen = bundled.oof_thresholds(results, selected=True)
+    # selected checkpoints: TTA (0.45) beat plain (0.30), so the "tta" tables (0.2) are pooled
+    assert seen[-1] == [0.2] and chosen["tta"] and chosen["cv_key"] == "cascade_tta"
+    chosen = bundled.oof_thresholds(results, selected=False)
+    # final weights: TTA (0.35) lost to plain (0.40), so "final_plain" (0.3)
+    assert seen[-1] == [0.3] and not chosen["tta"] and chosen["cv_key"] == "cascade_final"
+    assert (chosen["det_threshold"], chosen["cls_threshold"]) == (0.2, 0.7)
+
+
+def test_bundled_reproduce_command_names_the_validation_slide():
+    import argparse
+
+    args = argparse.Namespace(preset="cpu", val_slide="A04",
+                              results=bundled.REPO / "experiments" / "results" / "icpr2012_cv_x")
+    summary = {"overrides": {"train-det": ["train.scale_jitter=0.2"], "train-cls": []}}
+    command = bundled._command(args, summary, bundled.recipe_options(summary))
+    assert command == ("python experiments/recipe_cv.py --preset cpu --final-ablation "
+                       "--det-set train.scale_jitter=0.2 --results "
+                       "experiments/results/icpr2012_cv_x && python experiments/"
+                       "train_bundled.py --preset cpu --results "
+                       "experiments/results/icpr2012_cv_x --val-slide A04")
+    args.val_slide = ""
+    assert not bundled._command(args, summary, bundled.recipe_options(summary)).endswith("A04")

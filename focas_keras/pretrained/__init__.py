@@ -113,25 +113,41 @@ def reference_detections(bundle: Path, image_path: Path) -> dict:
 
 
 def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
-              train_seconds: float, date: str, overrides: dict | None = None) -> dict:
+              train_seconds: float, date: str, overrides: dict | None = None,
+              selection: dict | None = None) -> dict:
     """The machine-readable card of a model trained by ``experiments/train_bundled.py``.
 
     ``overrides``: {"train-det": [...], "train-cls": [...]} ``--set`` options given on top of
-    the preset (named in the recipe text when there are any).
+    the preset (named in the recipe text when there are any). ``selection``: None when all 15
+    fields trained and the final weights ship; else ``{"val_slide": S, "det_epoch": e,
+    "cls_epoch": e}``: slide S validated and the checkpoints selected on it ship.
     """
     cv = thresholds["cv"]
     extra = [f"{k} --set {o}" for k, v in sorted((overrides or {}).items()) for o in v]
-    return {
+    if selection is None:
+        split = "on all 15 fields with no validation split"
+        steps = ("train-det, mine --keep-tp (every candidate on every field), train-cls; "
+                 "final weights of both")
+        weights = "final weights"
+    else:
+        split = (f"on the fields of 4 slides, slide {selection['val_slide']}'s fields "
+                 "validating")
+        steps = ("train-det selected on the whole validation fields, mine --keep-tp "
+                 "--include-val (every candidate on every training field; the validation "
+                 "fields' for selection only), train-cls selected by the cascade's F1 on the "
+                 f"whole validation fields; selected checkpoints (Mdet epoch "
+                 f"{selection['det_epoch']}, Mclass epoch {selection['cls_epoch']})")
+        weights = "checkpoints selected on each fold's validation slide"
+    card = {
         "name": name, "date": date, "preset": preset, "seed": seed,
         "data": {"name": "ICPR 2012 MITOSIS contest, scanner A (Aperio XT), 15 test HPFs",
                  "fields": 15, "mitoses": 101, "slides": ["A00", "A01", "A02", "A03", "A04"],
                  "licence": "research use; cite the contest paper", "citation": CITATION},
         "pixel_sizes_um": {"input": 0.2456, "mdet": 0.4912, "mclass_crops": 0.2456},
-        "recipe": ("the whole-field recipe on all 15 fields with no validation split: prepare "
-                   "--det-grid at 0.4912 um/px (Mdet) and 112 px patches at 0.2456 um/px "
-                   "(Mclass), train-det, mine --keep-tp (every candidate on every field), "
-                   "train-cls; final weights of both; thresholds from the CV's pooled "
-                   "out-of-fold predictions of the final weights"
+        "recipe": (f"the whole-field recipe {split}: prepare --det-grid at 0.4912 um/px "
+                   "(Mdet) and 112 px patches at 0.2456 um/px (Mclass), "
+                   f"{steps}; thresholds from the CV's pooled out-of-fold predictions of the "
+                   f"{weights}"
                    + (f"; on top of preset '{preset}': {', '.join(extra)}" if extra else "")),
         "command": command,
         "train_seconds": train_seconds,
@@ -141,8 +157,8 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
                        "chosen_on": "pooled out-of-fold predictions of the 5-fold "
                                     "leave-one-slide-out CV (all 101 mitoses)",
                        "oof_f1_at_pair": thresholds["oof_f1_at_pair"]},
-        "cv_estimate": {"protocol": "leave-one-slide-out, 5 folds, the recipe with final "
-                                    "weights (as shipped), thresholds for each held-out "
+        "cv_estimate": {"protocol": f"leave-one-slide-out, 5 folds, the recipe with the "
+                                    f"{weights} (as shipped), thresholds for each held-out "
                                     "slide chosen on the other folds' pooled out-of-fold "
                                     "predictions",
                         "pooled": cv["pooled"][thresholds["cv_key"]],
@@ -154,12 +170,17 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
                    "regression check, not evidence",
                    f"preset '{preset}' (sized for a 2-core CPU), not the paper's ResNet-50"],
     }
+    if selection is not None:
+        card["selection"] = dict(selection)
+    return card
 
 
 def card_markdown(card: dict) -> str:
     """``MODEL_CARD.md``: the card for people."""
     t, cv = card["thresholds"], card["cv_estimate"]
     p = cv["pooled"]
+    trained = ("all 5 slides" if "selection" not in card else
+               f"4 slides, {card['selection']['val_slide']} validating")
     lines = [
         f"# Model card: {card['name']}", "",
         f"FoCasNet cascade (Mdet + Mclass), preset `{card['preset']}`, seed {card['seed']}, "
@@ -184,7 +205,8 @@ def card_markdown(card: dict) -> str:
         f"{cv['protocol']}: TP {p['tp']}, FP {p['fp']}, FN {p['fn']}, precision "
         f"{p['precision']:.3f}, recall {p['recall']:.3f}, **F1 {p['f1']:.3f}**; stage-1 "
         f"candidates reach {cv['candidate_recall']:.3f} of the mitoses. This estimates the "
-        "recipe (models trained on 12 fields), not this model (15 fields).", "",
+        "recipe (each fold's models trained on 3 slides, a 4th validating), not this model "
+        f"({trained}).", "",
         "## Known limits", ""] + [f"- {item}" for item in card["limits"]] + [
         "", "## Files (sha256)", ""] + [f"- `{k}`: `{v}`" for k, v in
                                          sorted(card["files"].items())]
