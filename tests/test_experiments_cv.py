@@ -189,3 +189,31 @@ def test_bundled_reproduce_command_names_the_validation_slide():
                        "experiments/results/icpr2012_cv_x --val-slide A04")
     args.val_slide = ""
     assert not bundled._command(args, summary, bundled.recipe_options(summary)).endswith("A04")
+
+
+def test_recolour_scales_one_stain_and_leaves_the_image_otherwise():
+    import numpy as np
+
+    redetect = _load("redetect_cv")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(30, 250, (16, 16, 3), dtype=np.uint8)
+    same = redetect.recolour(rgb, 1.0, 1.0)
+    assert np.abs(same.astype(int) - rgb).max() <= 1
+    # a haematoxylin-blue pixel (dark in R) gets lighter with less haematoxylin, darker with more
+    blue = np.array([[[90, 80, 160]]], np.uint8)
+    assert redetect.recolour(blue, 0.5, 1.0)[0, 0, 0] > 90
+    assert redetect.recolour(blue, 1.5, 1.0)[0, 0, 0] < 90
+    white = np.full((1, 1, 3), 255, np.uint8)  # no stain at all: unchanged by any factor
+    assert (redetect.recolour(white, 0.5, 2.0) == 255).all()
+
+
+def test_oof_rules_rescore_candidates():
+    import numpy as np
+
+    rules = _load("oof_rules")
+    preds = _preds([("a", 10, 10, 0.81, 0.25), ("a", 50, 50, 0.2, 0.9)])
+    product = rules.product_score(preds, 0.5)["cls_score"].to_numpy()
+    assert np.allclose(product, [0.45, np.sqrt(0.18)])
+    assert list(rules.or_score(preds, 0.5)["cls_score"]) == [1.0, 0.9]
+    assert list(rules.or_score(preds, np.inf)["cls_score"]) == [0.25, 0.9]
+    assert list(preds["cls_score"]) == [0.25, 0.9]  # the input is left alone
