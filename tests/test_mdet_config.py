@@ -50,3 +50,22 @@ def test_scale_jitter_is_checked_in_both_configs_and_old_configs_load_without_it
     data = json.loads(preset("tiny").to_json())
     del data["train"]["scale_jitter"]  # a run saved before the field existed
     assert MdetConfig.from_dict(data).train.scale_jitter == 0.0
+
+
+def test_stain_sigma_is_checked_in_both_configs_and_old_configs_keep_the_old_jitter():
+    from focas_keras.data.augment import AugmentConfig
+    from focas_keras.models import mclass_config
+
+    # The default is the augmentation's own default, so runs saved before the field existed
+    # load with the jitter they were trained with.
+    assert preset("cpu").train.stain_sigma == AugmentConfig().stain_sigma
+    assert mclass_config.preset("cpu").train.stain_sigma == AugmentConfig().stain_sigma
+    assert preset("cpu").override(**{"train.stain_sigma": 0.2}).train.stain_sigma == 0.2
+    for make in (preset, mclass_config.preset):
+        with pytest.raises(InputError, match="train.stain_sigma must be in"):
+            make("tiny").override(**{"train.stain_sigma": 1.0})
+        with pytest.raises(InputError, match="train.stain_sigma must be in"):
+            make("tiny").override(**{"train.stain_sigma": -0.1})
+    data = json.loads(preset("tiny").to_json())
+    del data["train"]["stain_sigma"]
+    assert MdetConfig.from_dict(data).train.stain_sigma == 0.05

@@ -46,6 +46,7 @@ class MclassTrainConfig:
     precision: str = "float32"
     augment: bool = True
     scale_jitter: float = 0.0
+    stain_sigma: float = 0.05
     seed: int = 0
     label_smoothing: float = 0.0
 
@@ -101,6 +102,8 @@ class MclassConfig(SectionedConfig):
              f"got {t.precision!r}"),
             (_number(t.scale_jitter) and 0 <= t.scale_jitter < 1,
              f"train.scale_jitter must be in [0, 1), got {t.scale_jitter!r}"),
+            (_number(t.stain_sigma) and 0 <= t.stain_sigma < 1,
+             f"train.stain_sigma must be in [0, 1), got {t.stain_sigma!r}"),
             (_integer(t.seed), f"train.seed must be an integer, got {t.seed!r}"),
             (_number(t.label_smoothing) and 0 <= t.label_smoothing < 1,
              f"train.label_smoothing must be in [0, 1), got {t.label_smoothing!r}"),

@@ -75,6 +75,7 @@ class TrainConfig:
     precision: str = "float32"
     augment: bool = True
     scale_jitter: float = 0.0
+    stain_sigma: float = 0.05
     seed: int = 0
     max_boxes: int = 32
 
@@ -130,6 +131,10 @@ class MdetConfig(SectionedConfig):
              and not isinstance(self.train.scale_jitter, bool)
              and 0 <= self.train.scale_jitter < 1,
              f"train.scale_jitter must be in [0, 1), got {self.train.scale_jitter!r}"),
+            (isinstance(self.train.stain_sigma, (int, float))
+             and not isinstance(self.train.stain_sigma, bool)
+             and 0 <= self.train.stain_sigma < 1,
+             f"train.stain_sigma must be in [0, 1), got {self.train.stain_sigma!r}"),
         ]
         for ok, message in checks:
             if not ok:

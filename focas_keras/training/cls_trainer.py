@@ -186,7 +186,8 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
         raise InputError("initial weights file not found", init_weights)
     t = config.train
     steps = t.steps_per_epoch or max(1, counts["records"] // t.batch_size)
-    augment = AugmentConfig(translate_px=4, scale=t.scale_jitter) if t.augment else None
+    augment = (AugmentConfig(translate_px=4, scale=t.scale_jitter, stain_sigma=t.stain_sigma)
+               if t.augment else None)
 
     def build():
         model = build_mclass(config)

@@ -153,7 +153,7 @@ def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) ->
     has_val, digests = pipeline.verify_for_training(data_dir, manifest, "det")
     t = config.train
     steps = t.steps_per_epoch or max(1, train_records // t.batch_size)
-    augment = AugmentConfig(scale=t.scale_jitter) if t.augment else None
+    augment = AugmentConfig(scale=t.scale_jitter, stain_sigma=t.stain_sigma) if t.augment else None
     size = config.input_size
 
     def losses(model, images, targets):
