@@ -12,6 +12,9 @@ Rules:
     product  cls^a * det^(1 - a), a in {0.75, 0.5}: both stages' evidence in one score.
     or       a candidate with det >= t3 is accepted whatever Mclass says (t3 from the grid
              0.3..0.7, or never): stage 1 overrules stage 2 where it is sure.
+    centred  Mclass's log-odds minus their median over the candidates of the same field,
+             back through the sigmoid: a per-field recalibration (``detect`` could do it
+             field by field) for slides whose stain moves every score.
 
 Usage:
     python experiments/oof_rules.py --results experiments/results/icpr2012_cv_scale \
@@ -45,6 +48,15 @@ def product_score(preds, a: float):
 def or_score(preds, t3: float):
     """``cls_score`` 1 where det >= t3 (accepted at any stage-2 threshold), else unchanged."""
     return preds.assign(cls_score=np.where(preds["det_score"] >= t3, 1.0, preds["cls_score"]))
+
+
+def centred_score(preds):
+    """``cls_score`` recentred per image: sigmoid(logit(cls) - median over that image's
+    candidates of logit(cls))."""
+    cls = preds["cls_score"].clip(lower=1e-6, upper=1.0 - 1e-6)
+    logit = np.log(cls / (1.0 - cls))
+    median = logit.groupby(preds["image"]).transform("median")
+    return preds.assign(cls_score=1.0 / (1.0 + np.exp(-(logit - median))))
 
 
 def cross_fold(truths: dict, variants: dict) -> dict:
@@ -95,6 +107,7 @@ def main(argv=None) -> int:
         "product a=0.5": {0.5: {s: product_score(p, 0.5) for s, p in preds.items()}},
         "or (t3 from the other folds)": {t: {s: or_score(p, t) for s, p in preds.items()}
                                          for t in OR_GRID},
+        "centred per field": {None: {s: centred_score(p) for s, p in preds.items()}},
     }
     out = {}
     for name, variants in rules.items():
