@@ -217,3 +217,9 @@ def test_oof_rules_rescore_candidates():
     assert list(rules.or_score(preds, 0.5)["cls_score"]) == [1.0, 0.9]
     assert list(rules.or_score(preds, np.inf)["cls_score"]) == [0.25, 0.9]
     assert list(preds["cls_score"]) == [0.25, 0.9]  # the input is left alone
+    # per-image recentring: image a's median log-odds (two candidates) is their mean
+    two = _preds([("a", 10, 10, 0.5, 0.25), ("a", 50, 50, 0.5, 0.9), ("b", 9, 9, 0.5, 0.9)])
+    centred = rules.centred_score(two)["cls_score"].to_numpy()
+    shift = (np.log(0.25 / 0.75) + np.log(0.9 / 0.1)) / 2
+    expect = 1 / (1 + np.exp(-(np.log([0.25 / 0.75, 0.9 / 0.1]) - shift)))
+    assert np.allclose(centred, [*expect, 0.5])  # b alone: its own median, so 0.5
