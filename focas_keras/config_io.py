@@ -60,3 +60,13 @@ class SectionedConfig:
                     raise InputError(f"unknown config field '{key}'")
                 data[section] = value
         return type(self).from_dict(data).validate()
+
+
+def is_integer(value) -> bool:
+    """True for an int that is not a bool (JSON's true/false must not pass as 1/0)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """True for an int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

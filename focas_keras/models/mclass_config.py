@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from focas_keras.config_io import SectionedConfig
+from focas_keras.config_io import SectionedConfig, is_integer, is_number
 from focas_keras.errors import InputError
 
 DEPTHS = (18, 34, 50, 101)
@@ -69,59 +69,51 @@ class MclassConfig(SectionedConfig):
         m, t = self.model, self.train
         checks = [
             (m.depth in DEPTHS, f"model.depth must be one of 18/34/50/101, got {m.depth!r}"),
-            (_number(m.width) and m.width > 0, f"model.width must be > 0, got {m.width!r}"),
-            (_integer(m.input_size) and m.input_size >= 32,
+            (is_number(m.width) and m.width > 0, f"model.width must be > 0, got {m.width!r}"),
+            (is_integer(m.input_size) and m.input_size >= 32,
              f"model.input_size must be an integer >= 32, got {m.input_size!r}"),
-            (_number(m.dropout) and 0 <= m.dropout < 1,
+            (is_number(m.dropout) and 0 <= m.dropout < 1,
              f"model.dropout must be in [0, 1), got {m.dropout!r}"),
             (t.optimizer in OPTIMIZERS,
              f"train.optimizer must be sgd/adam/adamw, got {t.optimizer!r}"),
-            (_number(t.learning_rate) and t.learning_rate > 0,
+            (is_number(t.learning_rate) and t.learning_rate > 0,
              f"train.learning_rate must be > 0, got {t.learning_rate!r}"),
-            (_number(t.weight_decay) and t.weight_decay >= 0,
+            (is_number(t.weight_decay) and t.weight_decay >= 0,
              f"train.weight_decay must be >= 0, got {t.weight_decay!r}"),
-            (_integer(t.warmup_steps) and t.warmup_steps >= 0,
+            (is_integer(t.warmup_steps) and t.warmup_steps >= 0,
              f"train.warmup_steps must be an integer >= 0, got {t.warmup_steps!r}"),
-            (all(_integer(e) and e >= 1 for e in t.decay_epochs),
+            (all(is_integer(e) and e >= 1 for e in t.decay_epochs),
              f"train.decay_epochs must hold integers >= 1, got {t.decay_epochs!r}"),
-            (_number(t.decay_factor) and 0 < t.decay_factor <= 1,
+            (is_number(t.decay_factor) and 0 < t.decay_factor <= 1,
              f"train.decay_factor must be in (0, 1], got {t.decay_factor!r}"),
-            (_number(t.clip_norm) and t.clip_norm >= 0,
+            (is_number(t.clip_norm) and t.clip_norm >= 0,
              f"train.clip_norm must be >= 0 (0: no clipping), got {t.clip_norm!r}"),
-            (_integer(t.epochs) and t.epochs >= 1,
+            (is_integer(t.epochs) and t.epochs >= 1,
              f"train.epochs must be an integer >= 1, got {t.epochs!r}"),
-            (_integer(t.batch_size) and t.batch_size >= 1,
+            (is_integer(t.batch_size) and t.batch_size >= 1,
              f"train.batch_size must be an integer >= 1, got {t.batch_size!r}"),
-            (_integer(t.steps_per_epoch) and t.steps_per_epoch >= 0,
+            (is_integer(t.steps_per_epoch) and t.steps_per_epoch >= 0,
              f"train.steps_per_epoch must be an integer >= 0 (0: one pass), "
              f"got {t.steps_per_epoch!r}"),
-            (_number(t.positive_share) and 0 < t.positive_share < 1,
+            (is_number(t.positive_share) and 0 < t.positive_share < 1,
              f"train.positive_share must be in (0, 1), got {t.positive_share!r}"),
             (t.precision in PRECISIONS,
              f"train.precision must be float32, mixed_bfloat16 or mixed_float16, "
              f"got {t.precision!r}"),
-            (_number(t.scale_jitter) and 0 <= t.scale_jitter < 1,
+            (is_number(t.scale_jitter) and 0 <= t.scale_jitter < 1,
              f"train.scale_jitter must be in [0, 1), got {t.scale_jitter!r}"),
-            (_number(t.stain_sigma) and 0 <= t.stain_sigma < 1,
+            (is_number(t.stain_sigma) and 0 <= t.stain_sigma < 1,
              f"train.stain_sigma must be in [0, 1), got {t.stain_sigma!r}"),
-            (_integer(t.seed), f"train.seed must be an integer, got {t.seed!r}"),
-            (_number(t.label_smoothing) and 0 <= t.label_smoothing < 1,
+            (is_integer(t.seed), f"train.seed must be an integer, got {t.seed!r}"),
+            (is_number(t.label_smoothing) and 0 <= t.label_smoothing < 1,
              f"train.label_smoothing must be in [0, 1), got {t.label_smoothing!r}"),
-            (_integer(self.crop_size) and self.crop_size >= 1,
+            (is_integer(self.crop_size) and self.crop_size >= 1,
              f"crop_size must be an integer >= 1, got {self.crop_size!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
         return self
-
-
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def preset(name: str) -> MclassConfig:

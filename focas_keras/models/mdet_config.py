@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from focas_keras.config_io import SectionedConfig
+from focas_keras.config_io import SectionedConfig, is_number
 from focas_keras.errors import InputError
 
 HEADS = ("anchor", "free", "hybrid")
@@ -127,13 +127,9 @@ class MdetConfig(SectionedConfig):
             (self.train.precision in ("float32", "mixed_bfloat16", "mixed_float16"),
              "precision must be float32, mixed_bfloat16 or mixed_float16"),
             (self.input_size % 32 == 0, "input size must be a multiple of 32"),
-            (isinstance(self.train.scale_jitter, (int, float))
-             and not isinstance(self.train.scale_jitter, bool)
-             and 0 <= self.train.scale_jitter < 1,
+            (is_number(self.train.scale_jitter) and 0 <= self.train.scale_jitter < 1,
              f"train.scale_jitter must be in [0, 1), got {self.train.scale_jitter!r}"),
-            (isinstance(self.train.stain_sigma, (int, float))
-             and not isinstance(self.train.stain_sigma, bool)
-             and 0 <= self.train.stain_sigma < 1,
+            (is_number(self.train.stain_sigma) and 0 <= self.train.stain_sigma < 1,
              f"train.stain_sigma must be in [0, 1), got {self.train.stain_sigma!r}"),
         ]
         for ok, message in checks:
