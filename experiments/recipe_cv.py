@@ -124,10 +124,16 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
     det_shards, cls_shards = fold_dir / "shards_det", fold_dir / "shards_cls"
     mdet, mclass = fold_dir / "mdet", fold_dir / "mclass"
     seed = str(args.seed)
-    split = ["--val-slides", fold["val"], "--seed", seed, "--overwrite"]
+    # --no-val: the validation slide trains too (4 slides); nothing is selected on it, so
+    # every detection below uses the final weights and only the OOF rules are scored.
+    split = (["--val-fraction", 0] if args.no_val else ["--val-slides", fold["val"]])
+    split += ["--seed", seed, "--overwrite"]
+    val_fields = [] if args.no_val else ["--val-fields"]
+    include_val = [] if args.no_val else ["--include-val"]
+    which = ["--which", "model"] if args.no_val else []
     step("prepare-det", lambda: (det_shards / "manifest.json").exists(),
          lambda: cli("prepare", src, "--format", "icpr2012", "--out", det_shards,
-                     "--target-mpp", DET_MPP, "--det-grid", "--val-fields",
+                     "--target-mpp", DET_MPP, "--det-grid", *val_fields,
                      "--det-empty-share", 0, *split))
     step("prepare-cls", lambda: (cls_shards / "manifest.json").exists(),
          lambda: cli("prepare", src, "--format", "icpr2012", "--out", cls_shards,
@@ -142,7 +148,7 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
     step("mine", marker.exists,
          lambda: marker.write_text(cli("mine", "--det", mdet, "--data", src, "--format",
                                        "icpr2012", "--out", cls_shards, "--keep-tp",
-                                       "--include-val")))
+                                       *include_val)))
     cls_epochs = ["--epochs", args.cls_epochs] if args.cls_epochs else []
     step("train-cls", lambda: (mclass / "model.keras").exists(),
          lambda: cli("train-cls", "--data", cls_shards, "--out", mclass, "--preset",
@@ -155,7 +161,7 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
              lambda out=out, extra=extra: cli(
                  "detect", test, "--det", mdet, "--cls", mclass, "--out", out,
                  "--det-threshold", args.min_det, "--cls-threshold", 0, "--no-overlays",
-                 "--overwrite", *extra))
+                 "--overwrite", *which, *extra))
     truth = ev.read_truth(test, "icpr2012").points
     plain = ev.read_predictions(outs["plain"] / "detections.csv")
     tta = ev.read_predictions(outs["tta"] / "detections.csv")
@@ -170,20 +176,17 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
 
     found, total = candidate_recall(truth, plain, RADIUS_PX)
     touch, band = border_share(plain, sizes)
-    best = json.loads((mclass / "best.json").read_text())["metrics"]
-    det_best = json.loads((mdet / "best.json").read_text())["metrics"]
-    val_pair = (best["val_cascade_det_threshold"], best["val_cascade_cls_threshold"])
+    best = _best_metrics(mclass)
+    det_best = _best_metrics(mdet)
     detect_json = json.loads((outs["plain"] / "detect.json").read_text())
     result = {
-        "test": fold["test"], "val": fold["val"], "train": fold["train"],
+        "test": fold["test"], "val": None if args.no_val else fold["val"],
+        "train": fold["train"] + [fold["val"]] if args.no_val else fold["train"],
         "preset": args.preset, "seed": args.seed,
         "mitoses": total, "candidates": int(len(plain)), "candidates_found": found,
         "candidate_recall": found / total if total else 0.0,
         "border_share": touch, "border_band_area_share": band,
         "cap_bound_images": (detect_json.get("stage1_cap") or {}).get("cap_bound_images"),
-        "val_pair": list(val_pair),
-        "cascade_val": score_pair(truth, plain, *val_pair),
-        "cascade_val_tta": score_pair(truth, tta, *val_pair),
         "mdet_best": {k: det_best.get(k) for k in ("epoch", "val_field_f1",
                                                    "val_field_candidate_recall",
                                                    "val_field_candidates_per_mm2")},
@@ -191,6 +194,11 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
         "step_seconds": steps, "seconds": round(time.perf_counter() - start, 1),
         "source": str(SRC),
     }
+    if not args.no_val:
+        val_pair = (best["val_cascade_det_threshold"], best["val_cascade_cls_threshold"])
+        result["val_pair"] = list(val_pair)
+        result["cascade_val"] = score_pair(truth, plain, *val_pair)
+        result["cascade_val_tta"] = score_pair(truth, tta, *val_pair)
     for kind, run in (("det", mdet), ("cls", mclass)):
         shutil.copy(run / "log.csv", results / f"fold_{fold['test']}_{kind}_log.csv")
     preds_dir = results / "oof"
@@ -201,6 +209,12 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     tmp.replace(result_path)
     return result
+
+
+def _best_metrics(run: Path) -> dict:
+    """``best.json``'s metrics of a run ({} where it has none)."""
+    path = run / "best.json"
+    return json.loads(path.read_text()).get("metrics") or {} if path.exists() else {}
 
 
 def _sets(overrides) -> list:
@@ -221,6 +235,8 @@ def run_final_detections(fold, args, work: Path, results: Path) -> None:
         if target.exists():
             continue
         out = fold_dir / f"detections_final_{name}"
+        if args.no_val:  # the fold's own detections are the final weights' already
+            out = fold_dir / f"detections_{name}"
         if not (out / "detections.csv").exists():
             base._cli(["detect", fold_dir / "test", "--det", fold_dir / "mdet", "--cls",
                        fold_dir / "mclass", "--out", out, "--det-threshold", args.min_det,
@@ -289,6 +305,7 @@ def summarize(folds: list, args, results: Path) -> dict:
         "preset": args.preset,
         "overrides": {"train-det": list(args.det_set), "train-cls": list(args.cls_set)},
         "candidate_threshold": args.min_det,
+        "validation_slide": not args.no_val,
         "recipe": ("whole-field: prepare --det-grid --val-fields at 0.4912 um/px (Mdet) and "
                    "112 px patches at 0.2456 (Mclass); train-det selected on whole val "
                    "fields; mine --keep-tp --include-val (every candidate); train-cls "
@@ -396,13 +413,13 @@ def format_tables(summary: dict, finished: list) -> str:
             c = r.get(key)
             return "-" if c is None else f"{c['tp']}/{c['fp']}/{c['fn']}, {c['f1']:.3f}"
 
-        pair = r.get("cascade_pair")
-        pair_text = "-" if pair is None else f"{pair[0]:.3f}, {pair[1]:.3f}"
+        def pair_cell(pair):
+            return "-" if pair is None else f"{pair[0]:.3f}, {pair[1]:.3f}"
         lines.append(
-            f"| {r['test']} | {r['val']} | {r['mitoses']} | {r['candidates_found']} | "
-            f"{r['candidates']} | {pair_text} | {cell('cascade')} | {cell('cascade_tta')} | "
-            f"{r['val_pair'][0]:.3f}, {r['val_pair'][1]:.3f} | {cell('cascade_val')} | "
-            f"{r['mdet_best']['epoch']} | {r['mclass_best']['epoch']} | "
+            f"| {r['test']} | {r['val'] or '-'} | {r['mitoses']} | {r['candidates_found']} | "
+            f"{r['candidates']} | {pair_cell(r.get('cascade_pair'))} | {cell('cascade')} | "
+            f"{cell('cascade_tta')} | {pair_cell(r.get('val_pair'))} | {cell('cascade_val')} | "
+            f"{r['mdet_best'].get('epoch', '-')} | {r['mclass_best'].get('epoch', '-')} | "
             f"{base._minutes(r['seconds'])} |")
     return "\n".join(lines)
 
@@ -425,6 +442,10 @@ def main(argv=None) -> int:
                              "train.scale_jitter=0.2.")
     parser.add_argument("--cls-set", action="append", default=[], metavar="SECTION.FIELD=V",
                         help="Extra train-cls --set override (repeatable).")
+    parser.add_argument("--no-val", action="store_true",
+                        help="Train on the validation slide too (4 training slides a fold); "
+                             "final weights only, thresholds from the other folds' OOF "
+                             "predictions.")
     parser.add_argument("--folds", default="", help="Comma-separated held-out slides only.")
     parser.add_argument("--summary-only", action="store_true",
                         help="Only rebuild the summary from the cached folds.")

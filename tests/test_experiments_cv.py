@@ -223,3 +223,20 @@ def test_oof_rules_rescore_candidates():
     shift = (np.log(0.25 / 0.75) + np.log(0.9 / 0.1)) / 2
     expect = 1 / (1 + np.exp(-(np.log([0.25 / 0.75, 0.9 / 0.1]) - shift)))
     assert np.allclose(centred, [*expect, 0.5])  # b alone: its own median, so 0.5
+
+
+def test_recipe_cv_tables_without_a_validation_slide(tmp_path):
+    recipe = bundled.recipe_cv
+    row = cv.prf(3, 1, 1)
+    # --no-val: the fold has no validation slide, so no val pair and no cascade_val rows
+    fold = {"test": "A00", "val": None, "mitoses": 4, "candidates_found": 4, "candidates": 50,
+            "cascade": row, "cascade_tta": row, "cascade_pair": [0.2, 0.6],
+            "mdet_best": {}, "mclass_best": {}, "seconds": 65.0}
+    summary = {"folds": ["A00"], "mitoses": 4, "candidate_recall": 1.0, "border_share": 0.05,
+               "border_band_area_share": 0.06, "pooled": {"cascade": row}}
+    text = recipe.format_tables(summary, [fold])
+    assert "| A00 | - | 4 | 4 | 50 | 0.200, 0.600 | 3/1/1, 0.750 | 3/1/1, 0.750 | - | - | - " \
+        "| - |" in text
+    assert recipe._best_metrics(tmp_path) == {}
+    (tmp_path / "best.json").write_text('{"score": 1.0, "metrics": {"epoch": 3}}')
+    assert recipe._best_metrics(tmp_path) == {"epoch": 3}
