@@ -367,8 +367,12 @@ def learning_curves(results: Path, folds: list) -> str:
             if not path.exists():
                 continue
             log = pd.read_csv(path)
-            cells = ", ".join(f"{int(r.epoch)}: {getattr(r, column):.2f} ({r.loss_total:.3f})"
-                              for r in log.itertuples())
+            if column in log:
+                cells = ", ".join(f"{int(r.epoch)}: {getattr(r, column):.2f} "
+                                  f"({r.loss_total:.3f})" for r in log.itertuples())
+            else:  # no validation slide (--no-val): the training loss only
+                cells = ", ".join(f"{int(r.epoch)}: - ({r.loss_total:.3f})"
+                                  for r in log.itertuples())
             lines.append(f"| {slide} | {'Mdet' if kind == 'det' else 'Mclass'} | {cells} |")
     return "\n".join(lines)
 
@@ -465,9 +469,10 @@ def main(argv=None) -> int:
             print(f"fold: test {fold['test']}, val {fold['val']}, train "
                   f"{','.join(fold['train'])}", flush=True)
             result = run_fold(fold, args, args.work, args.results)
+            val_f1 = (f", cascade (val pair) F1 {result['cascade_val']['f1']:.3f}"
+                      if "cascade_val" in result else "")
             print(f"  [{fold['test']}] done in {base._minutes(result['seconds'])}: candidate "
-                  f"recall {result['candidate_recall']:.3f}, cascade (val pair) F1 "
-                  f"{result['cascade_val']['f1']:.3f}", flush=True)
+                  f"recall {result['candidate_recall']:.3f}{val_f1}", flush=True)
             if args.final_ablation:
                 run_final_detections(fold, args, args.work, args.results)
             summarize(folds, args, args.results)
