@@ -19,6 +19,10 @@ Writes the two runs' ``model.keras``, ``config.json`` and ``run.json``, the samp
 ``card.json`` (thresholds, the CV estimate, sha256 of every file, and the detections on the
 sample field that ``tests/test_bundled.py`` checks) plus ``MODEL_CARD.md``.
 
+``--reuse-shipped`` trains nothing: the shipped weights stay, and only the thresholds, the
+CV estimate, the card and its reference detections are rebuilt from ``--results`` (a CV of the
+same recipe, e.g. one whose folds train on 4 slides: ``recipe_cv.py --no-val``).
+
 Usage:
     FOCAS_SRC=/tmp/focas_src python experiments/train_bundled.py --work /tmp/focas_bundled
     python experiments/train_bundled.py --results experiments/results/icpr2012_cv_scale \
@@ -88,6 +92,26 @@ def train(args, work: Path, log_path: Path, options: dict) -> tuple[Path, Path]:
     return mdet, mclass
 
 
+def shipped_runs(bundle: Path, work: Path, options: dict) -> tuple:
+    """The shipped bundle's two runs copied to ``work`` as run directories, with the training
+    seconds and date of its card; refused when the CV was trained with other overrides than
+    the shipped weights (its thresholds would belong to another recipe)."""
+    card = json.loads((bundle / "card.json").read_text())
+    shipped = recipe_options({"overrides": card.get("overrides") or {}})
+    if shipped != options:
+        raise SystemExit(f"--reuse-shipped: the CV's overrides {options} differ from the "
+                         f"shipped model's {shipped}")
+    runs = []
+    for kind, name in (("det", "mdet"), ("cls", "mclass")):
+        run = work / name
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir(parents=True)
+        for file in ("model.keras", "config.json", "run.json"):
+            shutil.copy(bundle / kind / file, run / file)
+        runs.append(run)
+    return runs[0], runs[1], float(card["train_seconds"]), card["date"]
+
+
 def oof_thresholds(results: Path, selected: bool = False) -> dict:
     """The pair of best F1 on all folds' pooled out-of-fold predictions of the weights this
     script ships (``selected``: the checkpoints chosen on each fold's validation slide; else
@@ -125,6 +149,8 @@ def _command(args, summary: dict, options: dict) -> str:
     extra += [f"--cls-set {o}" for o in options["train-cls"]]
     if summary.get("candidate_threshold", 0.05) != 0.05:
         extra.append(f"--min-det {summary['candidate_threshold']:g}")
+    if summary.get("validation_slide") is False:
+        extra.append("--no-val")
     results = ""
     default = REPO / "experiments" / "results" / "icpr2012_cv"
     if args.results.resolve() != default.resolve():
@@ -148,9 +174,16 @@ def main(argv=None) -> int:
     parser.add_argument("--val-slide", default="",
                         help="Validate on this slide (ship the selected checkpoints) instead "
                              "of training on all 15 HPFs (ship the final weights).")
+    parser.add_argument("--reuse-shipped", action="store_true",
+                        help="Do not train: keep the shipped weights (and their training date "
+                             "and time) and only re-derive the thresholds, the CV estimate and "
+                             "the reference detections from --results (a CV of the same "
+                             "recipe).")
     args = parser.parse_args(argv)
     if args.val_slide and args.val_slide not in SLIDES:
         parser.error(f"--val-slide: one of {', '.join(SLIDES)}, not {args.val_slide!r}")
+    if args.reuse_shipped and args.val_slide:
+        parser.error("--reuse-shipped keeps the shipped final weights: no --val-slide")
     sys.path.insert(0, str(base.SRC))
     from focas_keras import pretrained
     from focas_keras.io import sha256_file
@@ -159,9 +192,13 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     options = recipe_options(chosen["cv"])
-    mdet, mclass = train(args, args.work, args.work / "train.log", options)
-    seconds = time.perf_counter() - start
     out = REPO / "focas_keras" / "pretrained" / NAME
+    date = datetime.date.today().isoformat()
+    if args.reuse_shipped:
+        mdet, mclass, seconds, date = shipped_runs(out, args.work, options)
+    else:
+        mdet, mclass = train(args, args.work, args.work / "train.log", options)
+        seconds = time.perf_counter() - start
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     weights = "best.keras" if args.val_slide else "model.keras"
@@ -183,7 +220,7 @@ def main(argv=None) -> int:
     card = pretrained.make_card(
         name=NAME, preset=args.preset, seed=args.seed, thresholds=chosen,
         command=_command(args, chosen["cv"], options),
-        train_seconds=round(seconds, 1), date=datetime.date.today().isoformat(),
+        train_seconds=round(seconds, 1), date=date,
         overrides=options, selection=selection)
     card["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
                      for p in sorted(tmp.rglob("*")) if p.is_file()}

@@ -95,11 +95,12 @@ def test_detect_without_runs_uses_the_bundled_model(tmp_path):
     assert "F1" in listing.output and "ICPR 2012" in listing.output
 
 
-def _card(selection):
+def _card(selection, cv_extra=None):
     pooled = {"tp": 40, "fp": 40, "fn": 61, "precision": 0.5, "recall": 0.396, "f1": 0.442}
     thresholds = {"det_threshold": 0.2, "cls_threshold": 0.6, "tta": True, "oof_f1_at_pair": 0.5,
                   "cv_key": "cascade_tta",
-                  "cv": {"pooled": {"cascade_tta": pooled}, "candidate_recall": 0.9}}
+                  "cv": {"pooled": {"cascade_tta": pooled}, "candidate_recall": 0.9,
+                         **(cv_extra or {})}}
     card = pretrained.make_card("m", "cpu", 0, thresholds, "python x", 60.0, "2026-12-03",
                                 selection=selection)
     card["files"] = {}
@@ -111,6 +112,12 @@ def test_the_card_says_which_weights_ship_and_how_they_were_chosen():
     assert "selection" not in final
     assert "all 15 fields with no validation split" in final["recipe"]
     assert "final weights (as shipped)" in final["cv_estimate"]["protocol"]
+    assert "trained on 3 slides with a 4th validating" in final["cv_estimate"]["protocol"]
+    assert final["overrides"] == {"train-det": [], "train-cls": []}
+    no_val = _card(None, {"validation_slide": False})  # a recipe_cv.py --no-val CV
+    assert "trained on the other 4 slides (no validation slide)" in (
+        no_val["cv_estimate"]["protocol"])
+    assert "trained on the other 4 slides" in pretrained.card_markdown(no_val)
     assert "not this model (all 5 slides)" in pretrained.card_markdown(final)
     selected = _card({"val_slide": "A04", "det_epoch": 7, "cls_epoch": 5})
     assert selected["selection"] == {"val_slide": "A04", "det_epoch": 7, "cls_epoch": 5}

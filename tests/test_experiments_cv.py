@@ -189,6 +189,30 @@ def test_bundled_reproduce_command_names_the_validation_slide():
                        "experiments/results/icpr2012_cv_x --val-slide A04")
     args.val_slide = ""
     assert not bundled._command(args, summary, bundled.recipe_options(summary)).endswith("A04")
+    # a CV whose folds trained on 4 slides is rebuilt with --no-val
+    summary["validation_slide"] = False
+    assert "--det-set train.scale_jitter=0.2 --no-val --results" in bundled._command(
+        args, summary, bundled.recipe_options(summary))
+
+
+def test_reuse_shipped_copies_the_runs_and_refuses_another_recipe(tmp_path):
+    import json
+
+    bundle = tmp_path / "bundle"
+    for kind in ("det", "cls"):
+        (bundle / kind).mkdir(parents=True)
+        for file in ("model.keras", "config.json", "run.json"):
+            (bundle / kind / file).write_text(f"{kind}/{file}")
+    (bundle / "card.json").write_text(json.dumps({"train_seconds": 600.0,
+                                                  "date": "2026-12-02"}))
+    none = {"train-det": [], "train-cls": []}
+    mdet, mclass, seconds, date = bundled.shipped_runs(bundle, tmp_path / "work", none)
+    assert (mdet / "model.keras").read_text() == "det/model.keras"
+    assert (mclass / "run.json").read_text() == "cls/run.json"
+    assert (seconds, date) == (600.0, "2026-12-02")
+    with pytest.raises(SystemExit, match="differ from the shipped"):
+        bundled.shipped_runs(bundle, tmp_path / "work",
+                             {"train-det": ["train.scale_jitter=0.2"], "train-cls": []})
 
 
 def test_recolour_scales_one_stain_and_leaves_the_image_otherwise():

@@ -158,9 +158,9 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
                                     "leave-one-slide-out CV (all 101 mitoses)",
                        "oof_f1_at_pair": thresholds["oof_f1_at_pair"]},
         "cv_estimate": {"protocol": f"leave-one-slide-out, 5 folds, the recipe with the "
-                                    f"{weights} (as shipped), thresholds for each held-out "
-                                    "slide chosen on the other folds' pooled out-of-fold "
-                                    "predictions",
+                                    f"{weights} (as shipped), {cv_folds_text(cv)}, "
+                                    "thresholds for each held-out slide chosen on the other "
+                                    "folds' pooled out-of-fold predictions",
                         "pooled": cv["pooled"][thresholds["cv_key"]],
                         "candidate_recall": cv["candidate_recall"]},
         "limits": ["one scanner (Aperio XT) and one tissue type (breast cancer, H&E) from one "
@@ -170,9 +170,20 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
                    "regression check, not evidence",
                    f"preset '{preset}' (sized for a 2-core CPU), not the paper's ResNet-50"],
     }
+    card["overrides"] = {"train-det": list((overrides or {}).get("train-det", [])),
+                         "train-cls": list((overrides or {}).get("train-cls", []))}
     if selection is not None:
         card["selection"] = dict(selection)
     return card
+
+
+def cv_folds_text(cv: dict) -> str:
+    """What each CV fold trained on: ``recipe_cv.py --no-val`` records
+    ``validation_slide: false`` (the 4 other slides train); otherwise 3 slides train and a
+    4th validates."""
+    if cv.get("validation_slide", True):
+        return "each fold's models trained on 3 slides with a 4th validating"
+    return "each fold's models trained on the other 4 slides (no validation slide)"
 
 
 def card_markdown(card: dict) -> str:
@@ -205,8 +216,7 @@ def card_markdown(card: dict) -> str:
         f"{cv['protocol']}: TP {p['tp']}, FP {p['fp']}, FN {p['fn']}, precision "
         f"{p['precision']:.3f}, recall {p['recall']:.3f}, **F1 {p['f1']:.3f}**; stage-1 "
         f"candidates reach {cv['candidate_recall']:.3f} of the mitoses. This estimates the "
-        "recipe (each fold's models trained on 3 slides, a 4th validating), not this model "
-        f"({trained}).", "",
+        f"recipe, not this model ({trained}).", "",
         "## Known limits", ""] + [f"- {item}" for item in card["limits"]] + [
         "", "## Files (sha256)", ""] + [f"- `{k}`: `{v}`" for k, v in
                                          sorted(card["files"].items())]
