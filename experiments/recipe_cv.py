@@ -24,6 +24,11 @@ skips finished steps and folds, and the summary is rebuilt from whatever folds e
 ``--final-ablation`` also detects each held-out slide with the runs' final weights (rows
 ``cascade_final*``), which the bundled model uses (``experiments/train_bundled.py``).
 
+``--no-val`` trains each fold as the bundled model is trained: the validation slide joins the
+training slides (4 of them), nothing is selected, every detection uses the final weights (the
+``cascade*`` and ``cascade_final*`` rows are then the same predictions), and there are no
+``cascade_val`` rows.
+
 Usage:
     FOCAS_SRC=/tmp/focas_src python experiments/recipe_cv.py --preset cpu --final-ablation
 """
@@ -306,11 +311,16 @@ def summarize(folds: list, args, results: Path) -> dict:
         "overrides": {"train-det": list(args.det_set), "train-cls": list(args.cls_set)},
         "candidate_threshold": args.min_det,
         "validation_slide": not args.no_val,
-        "recipe": ("whole-field: prepare --det-grid --val-fields at 0.4912 um/px (Mdet) and "
-                   "112 px patches at 0.2456 (Mclass); train-det selected on whole val "
-                   "fields; mine --keep-tp --include-val (every candidate); train-cls "
-                   "selected by the cascade's F1 on whole val fields; thresholds: best-F1 "
-                   "pair on the other folds' pooled out-of-fold predictions"),
+        "recipe": (("whole-field, 4 training slides a fold and no validation slide: prepare "
+                    "--det-grid at 0.4912 um/px (Mdet) and 112 px patches at 0.2456 (Mclass); "
+                    "train-det; mine --keep-tp (every candidate); train-cls; final weights; "
+                    if args.no_val else
+                    "whole-field: prepare --det-grid --val-fields at 0.4912 um/px (Mdet) and "
+                    "112 px patches at 0.2456 (Mclass); train-det selected on whole val "
+                    "fields; mine --keep-tp --include-val (every candidate); train-cls "
+                    "selected by the cascade's F1 on whole val fields; ")
+                   + "thresholds: best-F1 pair on the other folds' pooled out-of-fold "
+                     "predictions"),
         "folds": [r["test"] for r in finished],
         "complete": len(finished) == len(folds),
         "mitoses": mitoses,
