@@ -255,8 +255,13 @@ def test_slide_of_four_real_fields_matches_detect(icpr_dir, tmp_path):
     GroupNorm normalises over the whole input, a 1024 px tile here and a whole field in
     detect, so stage-1 scores of the same candidate move (by up to 0.22 on these fields),
     while its stage-2 score agrees to 1e-3 (same crop). Tolerance: every accepted detection
-    more than 64 px inside its field whose scores clear both thresholds by 0.02 has an accepted
-    partner within 3 px in the other run (measured: 31 of 31 both ways).
+    more than 96 px inside its field whose scores clear both thresholds by 0.02 has an accepted
+    partner within 3 px in the other run. 96 px = Mclass's crop half-width (56) plus half the
+    largest mitosis box (about 34), rounded up to Mdet's 32 px stride: nearer the edge the box
+    itself depends on what lies beyond it. (With the bundled stage-1 threshold at 0.079, a
+    candidate 75 px from A04_03's top edge at det 0.12 sits 12 px away in the slide, where the
+    field above replaces the mirror padding; at 0.229 it was not accepted.) Measured: 21 of 21
+    both ways.
     """
     from data_tools.annotations import load_image
     from focas_keras import pretrained
@@ -281,8 +286,11 @@ def test_slide_of_four_real_fields_matches_detect(icpr_dir, tmp_path):
         return df[df["accepted"] & (df["det_score"] >= t1 + 0.02)
                   & (df["cls_score"] >= t2 + 0.02)]
 
+    margin = 96
+
     def inner(d):
-        return d[(d.x > 64) & (d.x < side - 64) & (d.y > 64) & (d.y < side - 64)]
+        return d[(d.x > margin) & (d.x < side - margin) & (d.y > margin)
+                 & (d.y < side - margin)]
 
     field_points, slide_points = [], []
     for (y0, x0), field in zip(origins, fields):
@@ -306,4 +314,4 @@ def test_slide_of_four_real_fields_matches_detect(icpr_dir, tmp_path):
         assert matched(f_robust, s_all).all()
         assert matched(s_robust, f_all).all()
         total += len(f_robust)
-    assert total >= 20  # the check compares something (31 on these fields)
+    assert total >= 20  # the check compares something
