@@ -16,8 +16,9 @@ Either way the CV is ``experiments/recipe_cv.py --final-ablation`` with the same
 that CV's pooled F1 under the same rule.
 
 Writes the two runs' ``model.keras``, ``config.json`` and ``run.json``, the sample field, and
-``card.json`` (thresholds, the CV estimate, sha256 of every file, and the detections on the
-sample field that ``tests/test_bundled.py`` checks) plus ``MODEL_CARD.md``.
+``card.json`` (thresholds, the CV estimate, sha256 of every file, the detections on the
+sample field that ``tests/test_bundled.py`` checks, and the ``domain`` block of
+``experiments/domain_stats.py``) plus ``MODEL_CARD.md``.
 
 ``--reuse-shipped`` trains nothing: the shipped weights stay, and only the thresholds, the
 CV estimate, the card and its reference detections are rebuilt from ``--results`` (a CV of the
@@ -41,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
+import domain_stats  # noqa: E402
 import icpr2012_cv as base  # noqa: E402
 import recipe_cv  # noqa: E402
 
@@ -221,7 +223,10 @@ def main(argv=None) -> int:
         name=NAME, preset=args.preset, seed=args.seed, thresholds=chosen,
         command=_command(args, chosen["cv"], options),
         train_seconds=round(seconds, 1), date=date,
-        overrides=options, selection=selection)
+        overrides=options, selection=selection,
+        # the training fields' colour statistics the checks use (the table of other scanners'
+        # distances: `python experiments/domain_stats.py --write-card` afterwards)
+        domain=domain_stats.card_block(args.data.parent)["block"])
     card["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")

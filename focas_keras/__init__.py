@@ -2,16 +2,15 @@
 
 Importing the package registers every custom layer with Keras (package name ``focas_keras``),
 so ``keras.saving.load_model(path, safe_mode=True)`` loads a saved Mdet or Mclass after a plain
-``import focas_keras``.
+``import focas_keras``. The import itself stays light (no TensorFlow, so ``focas-keras --help``
+answers at once): the layers register when Keras is imported, or at once when it already is,
+and TensorFlow's start-up chatter is kept off stderr whoever imports it
+(:mod:`focas_keras.import_hooks`). A module whose import registers Keras classes belongs in
+:data:`focas_keras.import_hooks.REGISTERING`, not in an import here.
 """
 
 __version__ = "0.1.0"
 
-from focas_keras.tf_import import import_tensorflow as _import_tensorflow  # noqa: E402
+from focas_keras import import_hooks as _import_hooks  # noqa: E402
 
-_import_tensorflow()
-
-# Registration happens when the classes are defined: import every module that defines one.
-from focas_keras.layers import cbam, group_norm, ws_conv2d  # noqa: E402,F401
-from focas_keras.models import fpn, head  # noqa: E402,F401
-from focas_keras.training import schedules  # noqa: E402,F401
+_import_hooks.install()

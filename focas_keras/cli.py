@@ -3,7 +3,10 @@
 User errors (:class:`~focas_keras.errors.InputError`, unreadable shards) print one line on
 stderr and exit with code 2; nothing else is printed for them. The subcommands live in
 :mod:`focas_keras.commands` (data, training, detection, scoring), each a thin layer over the
-library, registered on :data:`main` when this module is imported.
+library, registered on :data:`main` when this module is imported. Nothing here or in a command
+module imports TensorFlow, Keras, pandas or OpenCV at module level (they load inside the
+command that runs), so ``--help``, ``--version`` and usage errors answer in well under a second.
+Ctrl-C prints what the command keeps (:func:`on_interrupt`) and exits with 130.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from focas_keras import __version__
 from focas_keras.errors import InputError
 
 EXIT_INPUT = 2
+#: Where a command keeps what an interrupt leaves behind (:func:`on_interrupt`).
+INTERRUPT_KEY = "focas_keras.interrupt"
 
 
 class _Group(click.Group):
@@ -26,7 +31,9 @@ class _Group(click.Group):
             click.echo(f"focas-keras: error: {err}", err=True)
             ctx.exit(EXIT_INPUT)
         except KeyboardInterrupt:
-            click.echo("focas-keras: interrupted (no partial output was kept)", err=True)
+            kept = ctx.meta.get(INTERRUPT_KEY)
+            kept = kept() if callable(kept) else kept
+            click.echo("focas-keras: interrupted" + (f": {kept}" if kept else ""), err=True)
             ctx.exit(130)
         except Exception as err:  # corrupt TFRecords surface from inside TensorFlow
             if type(err).__name__ == "TrainingError":
@@ -39,9 +46,17 @@ class _Group(click.Group):
             raise
 
 
+def on_interrupt(kept) -> None:
+    """Says what the running command keeps if Ctrl-C stops it: ``kept`` (a string, or a
+    callable giving one when the interrupt comes) follows "focas-keras: interrupted: " on
+    stderr. A command that sets nothing gets the bare "focas-keras: interrupted"."""
+    click.get_current_context().meta[INTERRUPT_KEY] = kept
+
+
 def _import_tensorflow():
-    """TensorFlow, imported quietly (see :func:`focas_keras.tf_import.import_tensorflow`);
-    importing ``focas_keras`` has already done it, so this only documents the dependency."""
+    """TensorFlow, imported quietly (see :func:`focas_keras.tf_import.import_tensorflow`).
+    Commands call it inside their function, never at module level, so that ``--help`` and
+    usage errors answer without it (importing ``focas_keras`` does not import TensorFlow)."""
     from focas_keras.tf_import import import_tensorflow
 
     import_tensorflow()

@@ -386,20 +386,24 @@ def test_per_area_cap_binds_and_is_recorded():
     image, truth = _squares_image()
     free = FakeCascade(_uncapped(det_threshold=0.0))
     boxes, scores = free.stage1(image)
+    whole = {"tile": 0, "auto_tiled": False, "topk_per_level": 1000, "calls_at_topk": 0}
     assert len(boxes) == 26 and free.last_stage1_info == {
-        "candidates": 26, "cap": 6_176_703, "cap_bound": False, "calls": 1, "calls_at_cap": 0}
+        "candidates": 26, "cap": 6_176_703, "cap_bound": False, "calls": 1, "calls_at_cap": 0,
+        "call_cap": 6_176_703, "bound": [], **whole}
     capped = FakeCascade(CascadeSettings(det_threshold=0.0, max_candidates_per_mm2=1000.0))
     capped_boxes, capped_scores = capped.stage1(image)
     np.testing.assert_array_equal(capped_boxes, boxes[:7])
     np.testing.assert_array_equal(capped_scores, scores[:7])
     assert capped.last_stage1_info == {"candidates": 7, "cap": 7, "cap_bound": True,
-                                       "calls": 1, "calls_at_cap": 1}
+                                       "calls": 1, "calls_at_cap": 1, "call_cap": 7,
+                                       "bound": ["call_nms_max"], **whole}
     tiled = FakeCascade(CascadeSettings(det_threshold=0.0, max_candidates_per_mm2=1000.0,
                                         tile=160, overlap=96))
     tiled_boxes, _ = tiled.stage1(image)
     info = tiled.last_stage1_info
     assert info["cap"] == 7 and info["calls"] == 16 and info["cap_bound"]
     assert 0 < info["calls_at_cap"] <= 16 and len(tiled_boxes) <= 7
+    assert info["call_cap"] == 2 and info["tile"] == 160 and "call_nms_max" in info["bound"]
     assert tiled.candidate_cap(160, 160) == 2
     assert len(tiled.run(image)) == info["candidates"]
 
@@ -439,16 +443,19 @@ def test_whole_image_and_one_padded_tile_agree_exactly(tiny_mdet):
     """A 200 px image: whole, Mdet mirror-pads it to 224 px; tiled (224 px tiles), the
     cascade mirror-pads it to the tile. Same input, same padding rule (boxes mostly in the
     padding dropped before NMS), so the same candidates, with both per-area caps binding
-    (121 for the image, 152 for the tile at 50000 per mm^2)."""
+    (121 for the image, 152 for the tile at 50000 per mm^2) and, at stage-1 threshold 0, each
+    level's top-k of 1000 (a 224 px call keeps the config's 1000, :func:`level_topk`)."""
     image = _pink_field(200, 200, seed=1)
     whole = _mdet_cascade(tiny_mdet, max_candidates_per_mm2=50000.0)
     tiled = _mdet_cascade(tiny_mdet, max_candidates_per_mm2=50000.0, tile=224, overlap=32)
     boxes_w, scores_w = whole.stage1(image)
     boxes_t, scores_t = tiled.stage1(image)
-    assert whole.last_stage1_info == {"candidates": 121, "cap": 121, "cap_bound": True,
-                                      "calls": 1, "calls_at_cap": 1}
-    assert tiled.last_stage1_info == {"candidates": 121, "cap": 121, "cap_bound": True,
-                                      "calls": 1, "calls_at_cap": 1}
+    common = {"candidates": 121, "cap": 121, "cap_bound": True, "calls": 1, "calls_at_cap": 1,
+              "auto_tiled": False, "topk_per_level": 1000, "calls_at_topk": 1}
+    assert whole.last_stage1_info == {**common, "tile": 0, "call_cap": 121,
+                                      "bound": ["per_level_topk", "call_nms_max"]}
+    assert tiled.last_stage1_info == {**common, "tile": 224, "call_cap": 152,
+                                      "bound": ["per_level_topk", "call_nms_max", "image_cap"]}
     np.testing.assert_array_equal(boxes_t, boxes_w)
     np.testing.assert_array_equal(scores_t, scores_w)
     assert boxes_w[:, [0, 2]].max() <= 200 and boxes_w[:, [1, 3]].max() <= 200

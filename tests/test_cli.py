@@ -1,5 +1,6 @@
 """The focas-keras command line: help everywhere, one-line errors with exit code 2."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ from click.testing import CliRunner
 from focas_keras.cli import main
 
 SUBCOMMANDS = ["synth", "prepare", "inspect", "train-det", "train-cls", "mine", "detect",
-               "evaluate", "calibrate", "patch-study", "export", "predict", "demo"]
+               "evaluate", "calibrate", "patch-study", "export", "predict", "demo", "slide",
+               "models"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -385,11 +387,21 @@ def test_detect_images_not_an_image_and_grayscale(tmp_path, fake_cascade):
     assert warnings == [f"focas-keras: warning: {src / 'b.png'} is grayscale; the models "
                         "expect H&E colour, results may be poor"]
     (src / "d.jpg").write_text("just text\n")
-    result = CliRunner().invoke(main, ["detect", str(src), "--det", "D", "--cls", "C",
-                                       "--out", str(tmp_path / "o2")])
-    assert _one_error_line(result) == (f"{src / 'd.jpg'}: not a BMP, PNG, JPEG or TIFF image "
-                                       "(its first bytes match none of them)")
+    not_image = "not a BMP, PNG, JPEG or TIFF image (its first bytes match none of them)"
+    # Alone, a bad image is a one-line error and nothing is written.
+    result = CliRunner().invoke(main, ["detect", str(src / "d.jpg"), "--det", "D", "--cls",
+                                       "C", "--out", str(tmp_path / "o2")])
+    assert _one_error_line(result) == f"{src / 'd.jpg'}: {not_image}"
     assert not (tmp_path / "o2").exists()
+    # Among others, it is set aside: the rest run, detect.json lists it, the exit status is 1.
+    result = CliRunner().invoke(main, ["detect", str(src), "--det", "D", "--cls", "C",
+                                       "--out", str(tmp_path / "o3")])
+    assert result.exit_code == 1, result.output
+    assert f"{src / 'd.jpg'}: {not_image}" in result.stderr
+    assert "1 of 4 images failed" in result.stderr and "Traceback" not in result.output
+    record = json.loads((tmp_path / "o3" / "detect.json").read_text())
+    assert record["failed"] == [{"image": "d", "path": str(src / "d.jpg"), "reason": not_image}]
+    assert sorted(record["images"]) == ["a", "b", "c"] and record["totals"]["images"] == 3
 
 
 def test_detect_no_rejected_leaves_them_off_the_overlays(tmp_path, fake_cascade, monkeypatch):

@@ -493,8 +493,25 @@ def test_export_settings_refuse_whole_image_and_rescaling():
         graph.GraphSettings.from_cascade(cascade)
     cascade = Cascade(None, mdet_preset("tiny"), None, mclass_preset("tiny"),
                       CascadeSettings(tile=64, overlap=16, tta=True))
-    with pytest.raises(InputError, match="test-time augmentation"):
-        graph.GraphSettings.from_cascade(cascade)
+    assert graph.GraphSettings.from_cascade(cascade).tta  # TTA runs inside the graph
+
+
+@pytest.mark.parametrize("shape", [(5, 48, 48, 3), (4, 40, 56, 3), (0, 48, 48, 3)])
+def test_in_graph_tta_equals_predict_proba_tta(shape):
+    """The 8 rotations/flips in the graph average Mclass's probabilities exactly as the Python
+    cascade's predict_proba_tta (square and non-square crops, and none)."""
+    from focas_keras.models.mclass import predict_proba, predict_proba_tta
+
+    _, _, cls, cls_config = _models(_image(150, 130, 1))
+    patches = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    size = cls_config.model.input_size
+    got = graph.classify(cls, tf.constant(patches), size, tta=True).numpy()
+    want = predict_proba_tta(cls, patches, size, 3)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    plain = graph.classify(cls, tf.constant(patches), size).numpy()
+    np.testing.assert_allclose(plain, predict_proba(cls, patches, size), atol=1e-6)
+    if shape[0]:
+        assert np.abs(got - plain).max() > 1e-3  # TTA really changes the scores
 
 
 @pytest.mark.parametrize("shape", [(150, 130), (50, 40)])  # tiles; one mirror-padded tile
@@ -547,6 +564,58 @@ def test_export_with_stage1_at_half_resolution(tmp_path):
     assert float(want[["x2", "y2"]].max().max()) > 100
     full = Cascade(det, det_config, cls, cls_config, CascadeSettings(**SETTINGS, mpp=0.25), 0.5)
     assert not np.array_equal(full.stage1(other)[1], cascade.stage1(other)[1])
+
+
+#: Two real ICPR 2012 fields for the bundled model's export (the first is its self-check
+#: sample).
+REAL_FIELDS = ("A02_01", "A04_07")
+
+
+@pytest.fixture(scope="module")
+def bundled_export(icpr_dir, tmp_path_factory):
+    """The bundled cascade as ``export`` builds it (the card's thresholds and TTA, 512 px
+    tiles), exported with the first real field as the self-check sample, and the reloaded
+    cascade SavedModel."""
+    from data_tools.annotations import load_image
+    from focas_keras import pretrained
+
+    fields = {name: load_image(icpr_dir / "images" / f"{name}.jpg") for name in REAL_FIELDS}
+    cascade = pretrained.load_cascade(tile=512)
+    reloaded, real_load = {}, tf.saved_model.load
+
+    def recording_load(path, *args, **kwargs):
+        reloaded[Path(path).name] = real_load(path, *args, **kwargs)
+        return reloaded[Path(path).name]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tf.saved_model, "load", recording_load)
+        result = savedmodel.export(cascade, tmp_path_factory.mktemp("bundled") / "base",
+                                   sample=fields[REAL_FIELDS[0]])
+    return {"cascade": cascade, "fields": fields, "result": result,
+            "loaded": reloaded["focasnet"]}
+
+
+def test_bundled_export_applies_tta_and_accepts_what_detect_accepts(bundled_export):
+    """On real fields the exported graph (TTA inside) accepts the same detections as the
+    Python cascade that ``detect --tile 512`` runs: candidates matched by box within 0.01 px,
+    scores within 1e-4, acceptances equal except at the near-ties compare_tables allows."""
+    cascade, result = bundled_export["cascade"], bundled_export["result"]
+    settings = result["settings"]
+    assert cascade.settings.tta and settings.tta
+    assert settings.det_threshold == cascade.det_threshold
+    assert settings.cls_threshold == cascade.cls_threshold
+    # The export's own check compared the first field as below (and would have failed).
+    assert result["check"]["candidates"] > 50 and result["check"]["accepted"] > 0
+    for name in REAL_FIELDS[1:]:
+        image = bundled_export["fields"][name]
+        out = bundled_export["loaded"].signatures["serving_default"](
+            images=tf.constant(image[None]))
+        got = savedmodel.outputs_to_tables(out)[0]
+        want = savedmodel.reference_table(cascade, image, settings.max_detections)
+        assert len(want) < settings.max_detections  # no cut by D on a field
+        ties = compare.compare_tables(got, want, name, settings)
+        assert abs(int(got.accepted.sum()) - int(want.accepted.sum())) <= ties
+        assert len(want) > 50 and want.accepted.sum() > 0
 
 
 # --------------------------------------------------------------------------- clients

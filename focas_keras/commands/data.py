@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from focas_keras.cli import _import_tensorflow, _slides, main
+from focas_keras.cli import _import_tensorflow, _slides, main, on_interrupt
+from focas_keras.commands.common import _check_writable
 from focas_keras.errors import InputError
 
 
@@ -21,6 +22,7 @@ from focas_keras.errors import InputError
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def synth(out, images, size, seed, per_slide, mimics, overwrite):
     """Write synthetic H&E fields with mitoses and look-alikes to OUT (ICPR 2012 layout)."""
+    on_interrupt(f"nothing was written ({out} is put in place only when complete)")
     from data_tools.synth import write_dataset
 
     summary = write_dataset(out, images=images, size=size, seed=seed, per_slide=per_slide,
@@ -34,14 +36,15 @@ def synth(out, images, size, seed, per_slide, mimics, overwrite):
 @main.command()
 @click.argument("src", type=click.Path())
 @click.option("--format", "fmt", required=True,
-              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth"]),
+              type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth", "amibr"]),
               help="Layout of SRC.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory for det/, cls/ and manifest.json.")
 @click.option("--mpp", type=float, default=None,
               help="Pixel size of SRC in um/px (default: the format's own).")
 @click.option("--target-mpp", type=float, default=None,
-              help="Rescale images to this pixel size first.")
+              help="Rescale images to this pixel size first (default: keep it; amibr, whose "
+                   "crops come at 0.23 and 0.25 um/px: 0.2456).")
 @click.option("--box-size", type=float, default=40.0, show_default=True,
               help="Box side (px) for centroid-only annotations.")
 @click.option("--coco-bbox", type=click.Choice(["xywh", "xyxy"]), default="xywh",
@@ -66,8 +69,15 @@ def synth(out, images, size, seed, per_slide, mimics, overwrite):
 @click.option("--cls-background", type=int, default=40, show_default=True,
               help="Background patches per image.")
 @click.option("--val-slides", default="", help="Comma-separated slides for validation.")
+@click.option("--val-scanners", multiple=True,
+              help="A scanner whose slides all go to validation (repeat the option for more; "
+                   "names as the dataset records them, e.g. amibr's \"Hamamatsu XR\").")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
-              help="Share of slides drawn for validation when --val-slides is not given.")
+              help="Share of slides drawn for validation when neither --val-slides nor "
+                   "--val-scanners is given.")
+@click.option("--det-small-images", type=click.Choice(["skip", "pad"]), default=None,
+              help="Images smaller than a det tile: no det tiles (skip) or reflect-padded "
+                   "tiles (pad). Default: skip for amibr (128 px crops), pad otherwise.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and sampling seed.")
 @click.option("--shard-mb", type=float, default=64.0, show_default=True,
               help="Size bound of one shard (MiB).")
@@ -75,8 +85,11 @@ def synth(out, images, size, seed, per_slide, mimics, overwrite):
 def prepare(src, fmt, out, mpp, target_mpp, box_size, coco_bbox, tile_size,
             det_per_mitosis, det_empty_share, det_grid, val_fields, patch_size, cls_per_mitosis,
             cls_per_hard_negative,
-            cls_background, val_slides, val_fraction, seed, shard_mb, overwrite):
+            cls_background, val_slides, val_scanners, val_fraction, det_small_images, seed,
+            shard_mb, overwrite):
     """Turn a dataset at SRC into TFRecord shards (det tiles, cls patches) + manifest.json."""
+    _check_writable(out, into_parent=True)
+    on_interrupt(f"nothing was written ({out} is put in place only when complete)")
     _import_tensorflow()
     from data_tools.prepare import PrepareConfig
     from data_tools.prepare import prepare as run_prepare
@@ -88,7 +101,9 @@ def prepare(src, fmt, out, mpp, target_mpp, box_size, coco_bbox, tile_size,
         patch_size=patch_size,
         cls_per_mitosis=cls_per_mitosis, cls_per_hard_negative=cls_per_hard_negative,
         cls_background_per_image=cls_background, val_slides=_slides(val_slides),
-        val_fraction=val_fraction, seed=seed, target_mpp=target_mpp, shard_mb=shard_mb)
+        val_scanners=tuple(s.strip() for s in val_scanners if s.strip()),
+        val_fraction=val_fraction, seed=seed, target_mpp=target_mpp,
+        det_small_images=det_small_images, shard_mb=shard_mb)
     config.validate()
     kwargs = {"box_size": box_size} if fmt in ("icpr2012", "csv") else {}
     if fmt == "coco":
@@ -108,6 +123,11 @@ def summarize(manifest: dict, out) -> str:
             f"det {det['records']} tiles / {det['boxes']} boxes ({det['empty_tiles']} empty); "
             f"cls {cls['records']} patches ({cls['positive']} mitosis, "
             f"{cls['background']} background, {cls['hard_negative']} hard negative)")
+        if c.get("scanners"):
+            lines.append(f"        scanners: {', '.join(c['scanners'])}")
+        if det.get("skipped_small_images"):
+            lines.append(f"        {det['skipped_small_images']} images smaller than a det "
+                         "tile gave no det tiles")
     return "\n".join(lines)
 
 

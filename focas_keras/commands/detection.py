@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from focas_keras.cli import _import_tensorflow, main
-from focas_keras.commands.common import _image_files, _warn
+from focas_keras.cli import _import_tensorflow, main, on_interrupt
+from focas_keras.commands.common import (_check_writable, _image_files_or_failures,
+                                         _report_failures, _warn)
 from focas_keras.errors import InputError
 
 
@@ -141,17 +142,27 @@ def _check_thresholds_runs(record, det_run, cls_run) -> None:
 @click.option("--no-rejected", is_flag=True,
               help="Leave the rejected candidates off the overlays (only accepted ones).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--allow-coarser", is_flag=True,
+              help="Run on images coarser than the model's pixel size (refused by default); "
+                   "every output is then flagged (qc).")
 @click.pass_context
 def detect(ctx, inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp, tile, overlap,
            tile_batch, det_threshold, cls_threshold, patch, merge_px, thresholds_file, which,
-           max_candidates_per_mm2, tta, no_overlays, no_rejected, overwrite):
-    """Find mitoses in INPUTS (images or directories of .bmp/.png/.jpg/.tif HPFs)."""
-    _import_tensorflow()
+           max_candidates_per_mm2, tta, no_overlays, no_rejected, overwrite, allow_coarser):
+    """Find mitoses in INPUTS (images or directories of .bmp/.png/.jpg/.tif HPFs).
+
+    An unreadable image among several is listed in detect.json (failed) and the rest run;
+    the exit status is then 1.
+    """
     from pathlib import Path
 
+    files, failed = _image_files_or_failures(inputs)
+    _check_writable(out, into_parent=True)
+    on_interrupt("nothing was written (the output directory is put in place only when "
+                 "complete)")
+    _import_tensorflow()
     from focas_keras.inference.outputs import detect_to_dir
 
-    files = _image_files(inputs)
     values = dict(mpp=mpp, model_mpp=model_mpp, det_mpp=det_mpp, cls_mpp=cls_mpp, tile=tile,
                   overlap=overlap, tile_batch=tile_batch, det_threshold=det_threshold,
                   cls_threshold=cls_threshold, patch=patch, merge_px=merge_px,
@@ -159,6 +170,7 @@ def detect(ctx, inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp,
     thresholds = _apply_thresholds_file(ctx, thresholds_file, values)
     with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
         _check_thresholds_runs(thresholds, det_run, cls_run)
+        qc = _input_qc(card, det_run, cls_run, mpp, allow_coarser)  # before any model loads
         if card is None:
             values["tta"] = bool(values["tta"])
         cascade = _load_cascade(det_run, cls_run, card, values, merge_px, which)
@@ -169,18 +181,42 @@ def detect(ctx, inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp,
             extra["bundled_model"] = card["name"]
         counts = detect_to_dir(cascade, files, out, overlays=not no_overlays, progress=True,
                                overwrite=overwrite, extra=extra, rejected=not no_rejected,
-                               warn=_warn)
+                               warn=_warn, qc=qc, failed=failed)
     click.echo(f"{int(counts['accepted'].sum())} mitoses accepted of "
-               f"{int(counts['candidates'].sum())} candidates in {len(files)} images "
+               f"{int(counts['candidates'].sum())} candidates in {len(counts)} images "
                f"(stage 1 >= {cascade.det_threshold:.3f}, stage 2 >= "
                f"{cascade.cls_threshold:.3f}{', TTA' if cascade.settings.tta else ''}"
                + (f"; thresholds from {thresholds_file}" if thresholds_file else "")
                + f"); results in {out}")
+    flagged = counts[counts["qc"] != "ok"]
+    if len(flagged):
+        click.echo(f"  qc: {len(flagged)} of {len(counts)} images FLAGGED (outside the model's "
+                   f"domain: {', '.join(sorted(set(';'.join(flagged['qc']).split(';'))))}); "
+                   "see detect.json qc and the README's 'When a slide or field is flagged'")
     overlay_text = "; overlays/: green = accepted" + ("" if no_rejected else
                                                       ", red = rejected candidate")
     click.echo(f"  {out}/counts.csv: mitoses per image and per mm2; detections.csv: every "
                f"candidate (accepted = counted); detections.geojson: accepted, for QuPath"
                + ("" if no_overlays else overlay_text))
+    _report_failures(ctx, failed, "images", len(counts) + len(failed))
+
+
+def _input_qc(card, det_run, cls_run, mpp, allow_coarser):
+    """``detect``'s per-image domain check (:func:`focas_keras.domain.image_qc`), after
+    refusing (InputError naming --mpp) images coarser than the model unless
+    ``allow_coarser``."""
+    from focas_keras import domain
+
+    finest = domain.model_finest_mpp(card, det_run, cls_run)
+    forced = domain.check_pixel_size(mpp, finest, f"--mpp {mpp:g}", allow_coarser)
+    if forced:
+        _warn(f"{forced}; running anyway (--allow-coarser): every output is flagged")
+    card_domain = domain.domain_of(card)
+
+    def qc(image, df):
+        return domain.image_qc(image, df, mpp, finest, forced, card_domain)
+
+    return qc
 
 
 def _runs_or_bundled(det_run, cls_run):
@@ -259,6 +295,10 @@ def models():
                    "--max-detections).")
 @click.option("--max-pixels", type=int, default=25_000_000, show_default=True,
               help="Largest image (height x width) a request may send.")
+@click.option("--tta/--no-tta", default=None,
+              help="Score each crop under its 8 rotations/flips inside the graph and average "
+                   "the probabilities, as detect --tta (default: as detect, i.e. the bundled "
+                   "model's card, off for --det/--cls runs).")
 @click.option("--sample", type=click.Path(), default=None,
               help="Image for the self-check against the Python cascade (default: a synthetic "
                    "field of about 1.5 tiles).")
@@ -270,9 +310,11 @@ def models():
 @click.pass_context
 def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, tile, mpp, overlap,
                tile_batch, det_threshold, cls_threshold, patch, merge_px, thresholds_file,
-               which, max_detections, max_candidates_per_mm2, max_pixels, sample, config_base,
-               check):
+               which, max_detections, max_candidates_per_mm2, max_pixels, tta, sample,
+               config_base, check):
     """Export the cascade, Mdet and Mclass as SavedModels for TensorFlow Serving."""
+    if not (det_run is None and cls_run is None and check):
+        _check_writable(base)
     _import_tensorflow()
     from focas_keras.export import savedmodel
     from focas_keras.export.compare import ExportError
@@ -284,15 +326,12 @@ def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, t
 
     values = dict(mpp=mpp, tile=tile, overlap=overlap, tile_batch=tile_batch,
                   det_threshold=det_threshold, cls_threshold=cls_threshold, patch=patch,
-                  merge_px=merge_px, max_candidates_per_mm2=max_candidates_per_mm2)
+                  merge_px=merge_px, max_candidates_per_mm2=max_candidates_per_mm2, tta=tta)
     thresholds = _apply_thresholds_file(ctx, thresholds_file, values)
     with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
         _check_thresholds_runs(thresholds, det_run, cls_run)
-        if card is not None:
-            if card["thresholds"].get("tta"):
-                click.echo("note: the served graph scores each crop once (no TTA), so its "
-                           "accepted set may differ slightly from `detect` with this model")
-            values["tta"] = False
+        if card is None:
+            values["tta"] = bool(values["tta"])
         cascade = _load_cascade(det_run, cls_run, card, values, merge_px, which)
         image = load_image(sample, warn=ColourCheck(_warn)) if sample else None
         try:
@@ -327,6 +366,9 @@ def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, t
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def predict(inputs, server, rest, out, model, version, mpp, timeout, no_overlays, overwrite):
     """Send INPUTS (images or directories) to a TF Serving export; write what detect writes."""
+    _check_writable(out, into_parent=True)
+    on_interrupt("nothing was written (the output directory is put in place only when "
+                 "complete)")
     _import_tensorflow()
     from focas_keras.export.client import make_client, predict_to_dir
 
@@ -365,6 +407,8 @@ def demo(out, synthetic, images, test_images, size, seed, overwrite):
     `focas-keras detect ... --thresholds` line that gives its held-out result again. A
     non-empty --out is refused unless --overwrite.
     """
+    _check_writable(out, into_parent=True)
+    on_interrupt(f"nothing new was written ({out} is put in place only when complete)")
     _import_tensorflow()
     if not synthetic:
         from focas_keras.sample_demo import run_sample_demo

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from focas_keras.cli import _import_tensorflow, main
+from focas_keras.cli import _import_tensorflow, main, on_interrupt
+from focas_keras.commands.common import _check_writable, _report_failures, _warn
 from focas_keras.commands.detection import (_apply_thresholds_file, _check_thresholds_runs,
                                             _load_cascade, _runs_options, _runs_or_bundled)
 
@@ -50,35 +51,86 @@ from focas_keras.commands.detection import (_apply_thresholds_file, _check_thres
                    "slide (a rerun resumes either way).")
 @click.option("--overwrite", is_flag=True,
               help="Discard a slide directory's tiles from another run instead of refusing.")
+@click.option("--allow-coarser", is_flag=True,
+              help="Run slides coarser than the model's pixel size (refused by default, e.g. "
+                   "a 20x slide for a 40x model); they are flagged and get no score.")
+@click.option("--score-anyway", is_flag=True,
+              help="Give the Nottingham score of a flagged slide too (marked as flagged).")
 @click.pass_context
 def slide(ctx, slides, out, det_run, cls_run, mpp, hotspot_mm2, hpf, field_diameter_mm,
           no_tissue_mask, min_tissue, tile, overlap, det_threshold, cls_threshold,
-          thresholds_file, merge_px, tta, which, on_tile_error, overwrite):
+          thresholds_file, merge_px, tta, which, on_tile_error, overwrite, allow_coarser,
+          score_anyway):
     """Find mitoses in whole-slide images (.svs, .ndpi, .mrxs, .scn, pyramidal .tif, or plain
     images with --mpp): the count, the hotspot and the Nottingham mitosis score.
 
-    A rerun with the same --out resumes from the finished tiles.
+    A rerun with the same --out resumes from the finished tiles; a second run into an --out
+    in use is refused. Among several slides, one that cannot be read or run is recorded in
+    slides.csv (status failed, reason) and the rest run; the exit status is then 1.
     """
+    from focas_keras.slides.lock import out_dir_lock
     from focas_keras.slides.run import SlideSettings, open_slides, run_slides
 
     settings = SlideSettings(tile=tile, overlap=overlap, tissue_mask=not no_tissue_mask,
                              min_tissue=min_tissue, hotspot_mm2=hotspot_mm2, hpf=hpf,
                              field_diameter_mm=field_diameter_mm,
-                             on_tile_error=on_tile_error)
-    readers = open_slides(slides, mpp)  # every file checked before any model loads
+                             on_tile_error=on_tile_error, allow_coarser=allow_coarser,
+                             score_anyway=score_anyway)
+    # Every file is checked before any model loads; among several, a bad one is set aside.
+    failed = [] if len(slides) > 1 else None
+    readers = open_slides(slides, mpp, failed)
     try:
-        cascade, model = _slide_cascade(ctx, det_run, cls_run, which, det_threshold,
-                                        cls_threshold, merge_px, tta, thresholds_file)
-        click.echo(f"stage 1 >= {cascade.det_threshold:.3f} at {cascade.det_mpp:g} um/px, "
-                   f"stage 2 >= {cascade.cls_threshold:.3f} at {cascade.cls_mpp:g} um/px"
-                   f"{', TTA' if cascade.settings.tta else ''}; {len(readers)} slide(s)")
-        run_slides(cascade, readers, out, settings, mpp=mpp, model=model, progress=True,
-                   overwrite=overwrite, echo=click.echo)
+        _check_writable(out)
+        with out_dir_lock(out, warn=_warn):  # one run per --out
+            on_interrupt(lambda: _kept_for_resume(out, readers))
+            settings = _domain_check(settings, det_run, cls_run, readers)  # before models load
+            cascade, model = _slide_cascade(ctx, det_run, cls_run, which, det_threshold,
+                                            cls_threshold, merge_px, tta, thresholds_file)
+            click.echo(f"stage 1 >= {cascade.det_threshold:.3f} at {cascade.det_mpp:g} um/px, "
+                       f"stage 2 >= {cascade.cls_threshold:.3f} at {cascade.cls_mpp:g} um/px"
+                       f"{', TTA' if cascade.settings.tta else ''}; {len(readers)} slide(s)")
+            run_slides(cascade, readers, out, settings, mpp=mpp, model=model, progress=True,
+                       overwrite=overwrite, echo=click.echo, failed=failed, locked=True)
     finally:
         for reader in readers:
             reader.close()
-    if len(readers) > 1:
-        click.echo(f"{out}/slides.csv: one row per slide")
+    if len(slides) > 1:
+        click.echo(f"{out}/slides.csv: one row per slide (status, reason)")
+    _report_failures(ctx, failed, "slides", len(slides))
+
+
+def _kept_for_resume(out, readers) -> str:
+    """What an interrupted ``slide`` leaves: the journals of the slides not finished."""
+    from pathlib import Path
+
+    from focas_keras.slides.run import JOURNAL
+
+    kept = [Path(out) / r.name / JOURNAL for r in readers
+            if (Path(out) / r.name / JOURNAL).is_file()
+            and not (Path(out) / r.name / "summary.json").is_file()]
+    if not kept:
+        return "no tile was finished yet, so there is nothing to resume"
+    return (f"the finished tiles are kept in {', '.join(map(str, kept))}; rerun the same "
+            "command to resume")
+
+
+def _domain_check(settings, det_run, cls_run, readers):
+    """Refuses (InputError naming the slide and --allow-coarser) a slide coarser than the
+    model's finest stage unless ``settings.allow_coarser``; returns ``settings`` with the
+    bundled model's :class:`~focas_keras.domain.DomainCard`, which the run checks stain
+    against."""
+    import dataclasses
+
+    from focas_keras import domain, pretrained
+
+    card = pretrained.load_card() if det_run is None and cls_run is None else None
+    finest = domain.model_finest_mpp(card, det_run, cls_run)
+    for reader in readers:
+        if domain.check_pixel_size(reader.mpp, finest, reader.path, settings.allow_coarser):
+            click.echo(f"focas-keras: warning: {reader.path}: {reader.mpp:g} um/px is coarser "
+                       f"than the model's {finest:g} um/px; running anyway (--allow-coarser): "
+                       "flagged (no score unless --score-anyway)", err=True)
+    return dataclasses.replace(settings, domain=domain.domain_of(card))
 
 
 def _slide_cascade(ctx, det_run, cls_run, which, det_threshold, cls_threshold, merge_px, tta,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from focas_keras.cli import _import_tensorflow, main
+from focas_keras.cli import _import_tensorflow, main, on_interrupt
+from focas_keras.commands.common import _check_writable
 from focas_keras.errors import InputError
 
 
@@ -53,6 +54,9 @@ _PRECISION_HELP = ("Compute precision (default: the preset's; the mixed ones kee
 def train_det(data, out, preset, head, no_cbam, norm, no_ws, epochs, batch_size,
               steps_per_epoch, lr, precision, seed, devices, overrides):
     """Train Mdet (stage 1) on prepared shards; resumes an interrupted run in OUT."""
+    _check_writable(out)
+    on_interrupt(f"the finished epochs are kept in {out} (epoch checkpoints); rerun the same "
+                 "command to resume")
     _import_tensorflow()
     from focas_keras.models.mdet_config import preset as get_preset
     from focas_keras.training.det_trainer import train_det as run_training
@@ -102,10 +106,15 @@ def _report(result: dict, out) -> None:
 @click.option("--data", required=True, type=click.Path(), help="Shards from `prepare`/`mine`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--preset", default="paper", show_default=True,
-              type=click.Choice(["paper", "tiny", "cpu", "cpu_full"]),
-              help="Named configuration (cpu: sized for a 2-core CPU).")
+              type=click.Choice(["paper", "tiny", "cpu", "cpu_full", "lite0"]),
+              help="Named configuration (cpu: sized for a 2-core CPU; lite0: EfficientNet-"
+                   "Lite0 from the installed ImageNet weights).")
 @click.option("--init-weights", type=click.Path(), default=None,
               help="Local Keras weights file (.weights.h5) of an Mclass or its backbone.")
+@click.option("--extra-data", multiple=True, type=click.Path(),
+              help="Further cls shards (e.g. `prepare --format amibr`: other scanners' "
+                   "mitoses) drawn into every batch with --set train.extra_share=S "
+                   "(repeatable).")
 @click.option("--depth", type=click.Choice(["18", "34", "50", "101"]), default=None,
               help="ResNet depth (default: the preset's, 34).")
 @click.option("--epochs", type=int, default=None,
@@ -124,9 +133,12 @@ def _report(result: dict, out) -> None:
 @click.option("--devices", default="", help="As for train-det.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Override any config field, e.g. --set model.width=0.5.")
-def train_cls(data, out, preset, init_weights, depth, epochs, batch_size, steps_per_epoch, lr,
-              positive_share, precision, seed, devices, overrides):
+def train_cls(data, out, preset, init_weights, extra_data, depth, epochs, batch_size,
+              steps_per_epoch, lr, positive_share, precision, seed, devices, overrides):
     """Train Mclass (stage 2) on prepared cls shards; resumes an interrupted run in OUT."""
+    _check_writable(out)
+    on_interrupt(f"the finished epochs are kept in {out} (epoch checkpoints); rerun the same "
+                 "command to resume")
     _import_tensorflow()
     from focas_keras.models.mclass_config import preset as get_preset
     from focas_keras.training.cls_trainer import train_cls as run_training
@@ -137,7 +149,7 @@ def train_cls(data, out, preset, init_weights, depth, epochs, batch_size, steps_
               "train.precision": precision, "train.seed": seed}
     config = get_preset(preset).override(**_with_overrides(fields, overrides))
     result = run_training(data, out, config, init_weights=init_weights,
-                          devices=_devices(devices), log=click.echo)
+                          devices=_devices(devices), log=click.echo, extra_data=extra_data)
     _report(result, out)
 
 
@@ -185,6 +197,7 @@ def mine(ctx, det_run, source, fmt, shard_dir, det_threshold, score_threshold_al
          radius_px, radius_um, radius_alias, include_val, max_candidates_per_mm2):
     """Add Mdet's candidates on the TRAINING images as cls patches: every false positive as a
     hard negative (and with --keep-tp the rest as positives)."""
+    _check_writable(shard_dir)
     _import_tensorflow()
     from data_tools.mine import mine_hard_negatives
     from focas_keras.evaluation import evaluate as ev

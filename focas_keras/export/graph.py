@@ -12,7 +12,11 @@ around each candidate centre,
 reflect-padded exactly like :func:`~focas_keras.inference.tiling.crop_patches` -> resized
 to the Mclass input like :func:`~focas_keras.models.mclass.resize_patches` -> Mclass ->
 ``accepted = probability >= cls_threshold`` -> the greedy ``merge_px`` point merge of
-:func:`~focas_keras.inference.cascade.merge_points`.
+:func:`~focas_keras.inference.cascade.merge_points`. With ``tta`` (the bundled model's
+default, as for ``detect``), Mclass scores each crop under its 8 rotations/flips and the
+probability is their mean, as :func:`~focas_keras.models.mclass.predict_proba_tta`. Each Mdet
+call keeps the :func:`~focas_keras.inference.cascade.level_topk` of its tile's size per FPN
+level before NMS, as the Python cascade does.
 
 Outputs per image (TF Model Garden names), padded with zeros to ``max_detections`` (D) rows,
 sorted by the stage-1 score, best first, as the rows of ``Cascade.run``:
@@ -43,7 +47,8 @@ import math
 import tensorflow as tf
 
 from focas_keras.errors import InputError
-from focas_keras.inference.cascade import candidate_cap, candidate_density
+from focas_keras.export.requests import checked_bytes, checked_images, decode_checked
+from focas_keras.inference.cascade import candidate_cap, candidate_density, level_topk
 from focas_keras.inference.resize import graph_scaled_size, shrink
 from focas_keras.models.mclass import resize_patches
 from focas_keras.models.mdet import INPUT_MULTIPLE, detect_batch, mirror_indices
@@ -58,9 +63,6 @@ MDET_OUTPUTS = ("detection_boxes", "detection_scores", "num_detections")
 IMAGES_KEY, BYTES_KEY, PATCHES_KEY = "images", "image_bytes", "patches"
 #: Signature names.
 DEFAULT_SIGNATURE, BYTES_SIGNATURE = "serving_default", "serving_bytes"
-
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,8 @@ class GraphSettings:
             keeps at most :meth:`tile_cap` and each image at most ``min(max_detections,
             candidate_cap(its size in Mdet's pixels))``. Both None: tiles keep the Mdet
             config's ``max_detections``, images ``max_detections``.
+        tta: stage 2 averages Mclass's probabilities over the 8 rotations/flips of each crop
+            (:func:`classify`), as ``CascadeSettings.tta``.
     """
 
     tile: int
@@ -97,6 +101,7 @@ class GraphSettings:
     det_scale: float = 1.0
     det_mpp: float | None = None
     max_candidates_per_mm2: float | None = None
+    tta: bool = False
 
     def __post_init__(self):
         per_area = (self.det_mpp, self.max_candidates_per_mm2)
@@ -141,15 +146,13 @@ class GraphSettings:
             raise InputError(f"max detections must be an integer >= 1, got {max_detections!r}")
         if not (isinstance(max_pixels, int) and max_pixels >= 1):
             raise InputError(f"max pixels must be an integer >= 1, got {max_pixels!r}")
-        if s.tta:
-            raise InputError("the export has no test-time augmentation: export without --tta")
         return cls(tile=int(s.tile), overlap=int(s.overlap), tile_batch=int(s.tile_batch),
                    det_threshold=float(cascade.det_threshold), nms_iou=float(cascade.nms_iou),
                    cls_threshold=float(cascade.cls_threshold), patch=int(cascade.patch),
                    merge_px=float(s.merge_px), max_detections=int(max_detections),
                    max_pixels=int(max_pixels), det_scale=float(cascade.det_scale),
                    det_mpp=float(cascade.det_mpp),
-                   max_candidates_per_mm2=float(s.max_candidates_per_mm2))
+                   max_candidates_per_mm2=float(s.max_candidates_per_mm2), tta=bool(s.tta))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -265,80 +268,6 @@ def _pad_rows(tensor, rows: int):
     return tf.pad(tensor, paddings)
 
 
-# --------------------------------------------------------------------------- request checks
-
-
-def checked_images(images, max_pixels: int):
-    """``images`` (any rank/shape) as uint8 [B, H, W, 3], after readable runtime checks.
-
-    The signature declares no static rank, so these checks run in the graph whatever a server
-    lets through; each failure is an INVALID_ARGUMENT naming what was expected.
-    """
-    shape = tf.shape(images, out_type=tf.int64)
-    checks = [tf.debugging.assert_equal(
-        tf.rank(images), 4, message="images must be uint8 [batch, height, width, 3]; got rank")]
-    with tf.control_dependencies(checks):
-        checks.append(tf.debugging.assert_equal(
-            shape[-1], tf.constant(3, tf.int64),
-            message="images must have 3 channels (RGB) in the last axis; got"))
-    with tf.control_dependencies(checks):
-        checks.append(tf.debugging.assert_positive(
-            shape[1:3], message="image height and width must be > 0 (an empty image); got"))
-    with tf.control_dependencies(checks):
-        checks.append(tf.debugging.assert_less_equal(
-            shape[1] * shape[2], tf.constant(max_pixels, tf.int64),
-            message=f"image too large: height x width must be <= {max_pixels} pixels; got"))
-    with tf.control_dependencies(checks):
-        images = tf.identity(images)
-    # A static shape only: tf.ensure_shape's own runtime check could fire first, less clearly.
-    images.set_shape([None, None, None, 3])
-    return images
-
-
-def checked_bytes(image_bytes):
-    """``image_bytes`` (any rank) as a string [batch], after a readable runtime check."""
-    check = tf.debugging.assert_rank(
-        image_bytes, 1, message="image_bytes must be a string tensor [batch] of encoded images")
-    with tf.control_dependencies([check]):
-        image_bytes = tf.identity(image_bytes)
-    image_bytes.set_shape([None])
-    return image_bytes
-
-
-def decode_checked(data, max_pixels: int):
-    """One encoded JPEG or PNG (scalar string) -> uint8 [H, W, 3], checked before decoding.
-
-    The size is read from the PNG header / the JPEG frame header first, so an oversized image
-    is refused before it is decompressed.
-    """
-    head = tf.strings.substr(tf.strings.join([data, tf.constant(b"\0" * 24)]), 0, 24)
-    is_png = tf.equal(tf.strings.substr(head, 0, 8), _PNG_MAGIC)
-    is_jpeg = tf.equal(tf.strings.substr(head, 0, 3), _JPEG_MAGIC)
-    check = tf.debugging.Assert(
-        tf.logical_or(is_png, is_jpeg),
-        ["image_bytes: not a JPEG or PNG image (first bytes:",
-         tf.strings.substr(head, 0, 8), ")"])
-    with tf.control_dependencies([check]):
-        size = tf.cond(
-            is_png,
-            lambda: tf.io.decode_raw(tf.strings.substr(head, 16, 8), tf.int32,
-                                     little_endian=False)[::-1],  # IHDR: width, height
-            lambda: tf.image.extract_jpeg_shape(data)[:2])  # height, width
-    size = tf.cast(size, tf.int64)
-    checks = [tf.debugging.assert_positive(
-        size, message="image_bytes: image height and width must be > 0; got")]
-    with tf.control_dependencies(checks):
-        checks.append(tf.debugging.assert_less_equal(
-            size[0] * size[1], tf.constant(max_pixels, tf.int64),
-            message=f"image_bytes: image too large: height x width must be <= {max_pixels} "
-                    "pixels; got"))
-    with tf.control_dependencies(checks):
-        image = tf.cond(is_png,
-                        lambda: tf.io.decode_png(data, channels=3),
-                        lambda: tf.io.decode_jpeg(data, channels=3))
-    return tf.ensure_shape(image, [None, None, 3])
-
-
 # --------------------------------------------------------------------------- modules
 
 
@@ -408,8 +337,12 @@ class TiledStage1:
     """
 
     def __init__(self, det_model, det_config, settings: GraphSettings):
-        self.det_model, self.det_config, self.settings = det_model, det_config, settings
-        self.tile_cap = settings.tile_cap(det_config.inference.max_detections)
+        inference = det_config.inference
+        topk = level_topk(settings.tile, settings.tile, inference.topk_per_level)
+        self.det_model, self.settings = det_model, settings
+        self.det_config = dataclasses.replace(
+            det_config, inference=dataclasses.replace(inference, topk_per_level=topk))
+        self.tile_cap = settings.tile_cap(inference.max_detections)
         self.function = _function(self.stage1, _IMAGE_SPEC)
 
     def _detect_chunk(self, tiles, valid_height, valid_width):
@@ -531,8 +464,9 @@ class CascadeGraph(ServingModule):
         self._input_size = int(cls_config.model.input_size)
 
     def classify(self, patches):
-        """Mclass probabilities (float32 [N]) of uint8 [N, h, w, 3] patches."""
-        return classify(self._held.cls, patches, self._input_size)
+        """Mclass probabilities (float32 [N]) of uint8 [N, h, w, 3] patches (with the
+        settings' TTA)."""
+        return classify(self._held.cls, patches, self._input_size, self._settings.tta)
 
     def detect_image(self, image):
         """Both stages on one uint8 [H, W, 3] image; a dict of the D-row outputs."""
@@ -589,29 +523,53 @@ class MdetGraph(ServingModule):
                                  self._settings.max_pixels)
 
 
-def classify(cls_model, patches, input_size: int):
-    """Mclass probabilities (float32 [N]) of uint8 [N, h, w, 3] patches, as
-    :func:`~focas_keras.models.mclass.predict_proba` (N may be 0)."""
-    def run():
-        logits = cls_model(resize_patches(patches, input_size), training=False)
+def classify(cls_model, patches, input_size: int, tta: bool = False):
+    """Mclass probabilities (float32 [N]) of uint8 [N, h, w, 3] patches (N may be 0), as
+    :func:`~focas_keras.models.mclass.predict_proba`, or with ``tta`` as
+    :func:`~focas_keras.models.mclass.predict_proba_tta`: the mean of the probabilities of
+    the 8 views ``np.rot90(p, k, axes=(1, 2))`` for k = 0..3 of the patches and of them
+    flipped left-right, each view scored on its own as there."""
+    def probabilities(images):
+        logits = cls_model(resize_patches(images, input_size), training=False)
         return tf.sigmoid(tf.cast(logits, tf.float32))[:, 0]
 
+    def run():
+        if not tta:
+            return probabilities(patches)
+        views = [_rot90(p, k) for p in (patches, tf.reverse(patches, [2])) for k in range(4)]
+        return tf.reduce_mean(tf.stack([probabilities(v) for v in views]), 0)
+
     return tf.cond(tf.shape(patches)[0] > 0, run, lambda: tf.zeros([0], tf.float32))
+
+
+def _rot90(patches, k: int):
+    """``np.rot90(patches, k, axes=(1, 2))`` of [N, h, w, C] (counter-clockwise quarter
+    turns), without ``tf.image.rot90``'s runtime asserts inside the serving graph."""
+    if k % 4 == 1:
+        return tf.reverse(tf.transpose(patches, [0, 2, 1, 3]), [1])
+    if k % 4 == 2:
+        return tf.reverse(patches, [1, 2])
+    if k % 4 == 3:
+        return tf.transpose(tf.reverse(patches, [1]), [0, 2, 1, 3])
+    return patches
 
 
 class MclassGraph(ServingModule):
     """Stage 2 alone: ``serving_default`` takes uint8 ``patches`` [N, h, w, 3] of any size
     (e.g. 112 px crops around candidates), resizes them to the Mclass input and returns
-    ``probabilities`` float32 [N]."""
+    ``probabilities`` float32 [N] (averaged over the 8 rotations/flips with ``tta``)."""
 
-    def __init__(self, cls_model, cls_config, max_pixels: int = 25_000_000, name="mclass"):
+    def __init__(self, cls_model, cls_config, max_pixels: int = 25_000_000, name="mclass",
+                 tta: bool = False):
         super().__init__({"cls": cls_model}, name=name)
         self._input_size, self._max_pixels = int(cls_config.model.input_size), int(max_pixels)
+        self._tta = bool(tta)
 
     def _signature_functions(self) -> dict:
         def patches_fn(patches):
             patches = checked_images(patches, self._max_pixels)
-            return {"probabilities": classify(self._held.cls, patches, self._input_size)}
+            return {"probabilities": classify(self._held.cls, patches, self._input_size,
+                                              self._tta)}
 
         return {DEFAULT_SIGNATURE: _function(patches_fn,
                                              tf.TensorSpec(None, tf.uint8, PATCHES_KEY))}

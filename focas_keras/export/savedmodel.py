@@ -138,7 +138,8 @@ def build_modules(cascade, settings: GraphSettings, names: dict) -> dict:
     stage1 = TiledStage1(cascade.det_model, cascade.det_config, settings)
     return {names["cascade"]: CascadeGraph(stage1, cascade.cls_model, cascade.cls_config),
             names["det"]: MdetGraph(stage1),
-            names["cls"]: MclassGraph(cascade.cls_model, cascade.cls_config, settings.max_pixels)}
+            names["cls"]: MclassGraph(cascade.cls_model, cascade.cls_config, settings.max_pixels,
+                                      tta=settings.tta)}
 
 
 def save_module(module, path) -> None:
@@ -214,6 +215,9 @@ def default_sample(tile: int, seed: int = 0) -> np.ndarray:
 def verify(paths: dict, names: dict, cascade, settings: GraphSettings, image: np.ndarray,
            log=None) -> dict:
     """Reloads each SavedModel and compares it with the Python cascade on ``image``.
+
+    ``cascade`` is the one the graphs were built from, so both run the same tiling,
+    thresholds and TTA (``settings.tta``: the 8 rotations/flips averaged in both).
 
     The cascade is checked through ``serving_default`` (``serving_bytes`` runs the same
     per-image function after decoding); Mdet alone against ``Cascade.stage1``; Mclass alone
@@ -416,6 +420,7 @@ def format_summary(result: dict) -> str:
                  f"{s.cls_threshold:g}, merge {s.merge_px:g} px, at most {s.max_detections} "
                  f"detections, images up to {s.max_pixels} px"
                  + ("" if s.det_scale == 1.0 else f", stage 1 on images shrunk by {s.det_scale:g}")
+                 + (", stage 2 averaged over 8 rotations/flips (TTA)" if s.tta else "")
                  + ("" if not s.per_area else
                     f", at most {s.max_candidates_per_mm2:g} candidates per mm^2 "
                     f"({s.tile_cap(0)} per tile of {s.det_mpp:g} um/px)"))

@@ -6,7 +6,9 @@ object no larger than the overlap is taken from a tile holding it whole, never a
 a tile edge; class-agnostic NMS in image coordinates then merges whatever still overlaps.
 Where Mdet's input must be larger than the image (a multiple of 32, or one tile), the image is
 mirrored into the padding, and boxes mostly in the padding are dropped. Each Mdet call and
-each image keep at most :func:`candidate_cap` candidates for their area.
+each image keep at most :func:`candidate_cap` candidates for their area, and each FPN level of
+a call its :func:`level_topk` boxes before NMS (both grow with the area). Whole-image mode
+tiles an image of more than :data:`WHOLE_IMAGE_MAX_PIXELS` Mdet pixels, to bound memory.
 Stage 2 scores a reflect-padded crop around each candidate centre. Each stage runs at its own
 pixel size (``det_mpp``, ``cls_mpp``; by default the one its training run's shards were prepared
 at): the image is resized by ``mpp / stage mpp`` for that stage, and boxes come back in input
@@ -17,7 +19,6 @@ about a quarter of the FLOPs, while stage 2 still sees full-resolution crops.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -28,6 +29,9 @@ import pandas as pd
 from data_tools.annotations import ICPR2012_MPP, IMAGE_EXTENSIONS
 from focas_keras.errors import InputError
 from focas_keras.inference.resize import resize_by
+from focas_keras.inference.run_values import (  # noqa: F401  (run_*: API)
+    MIN_AUTO_CLS_THRESHOLD, _read_json, run_cls_threshold, run_data_mpp, run_det_threshold,
+    run_field_thresholds, run_metric)
 from focas_keras.inference.tiling import (  # noqa: F401  (crop_patches, tile_starts: API)
     TileGrid, crop_patches, merge_candidates, tile_starts)
 from focas_keras.models.mclass import predict_proba, predict_proba_tta
@@ -52,8 +56,9 @@ class CascadeSettings:
         det_mpp: pixel size Mdet runs at (overrides ``model_mpp`` and the det run).
         cls_mpp: pixel size Mclass's crops are taken at (overrides ``model_mpp`` and the cls
             run).
-        tile: 0 runs Mdet on the whole image at once; otherwise the tile side (px, a multiple
-            of 32), in Mdet's pixels.
+        tile: 0 runs Mdet on the whole image at once (in :data:`AUTO_TILE` px tiles beyond
+            :data:`WHOLE_IMAGE_MAX_PIXELS` Mdet pixels); otherwise the tile side (px, a
+            multiple of 32), in Mdet's pixels.
         overlap: overlap of neighbouring tiles (px, < ``tile``); objects up to this size are
             always seen whole by some tile.
         tile_batch: tiles per Mdet forward pass.
@@ -164,75 +169,29 @@ def candidate_density(mpp: float, per_mm2: float) -> float:
     return float(per_mm2) * (float(mpp) / 1000.0) ** 2
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid JSON: {err.msg}", path, err.lineno) from None
-    except OSError as err:
-        raise InputError(f"cannot read ({err.strerror or err})", path) from None
+#: Side (Mdet px) of the square that the Mdet config's ``topk_per_level`` is meant for (the
+#: default tile). A larger Mdet call keeps proportionally more boxes per level before NMS
+#: (:func:`level_topk`): a fixed 1000 let a 10000 px image (5000 px at Mdet's 0.4912 um/px)
+#: keep only the best 1000 boxes of its finest level, several boxes per cell, so whole-image
+#: mode returned a third of the candidates tiles found. On a 1042 px ICPR field at most 747
+#: boxes of a level reach the bundled model's stage-1 threshold, so the scaled top-k changes
+#: nothing there.
+TOPK_REFERENCE_PX = 512
+#: Whole-image stage 1 on an image of more Mdet pixels than this runs in tiles of
+#: :data:`AUTO_TILE` (one per call, the settings' overlap) instead: Mdet on a 5000 px image
+#: at once needed about 4.5 GB. 3072^2 px is about 6144 px at 0.2456 um/px for an Mdet at
+#: half resolution (about 9 ICPR fields).
+WHOLE_IMAGE_MAX_PIXELS = 3072 * 3072
+#: The tile (Mdet px) of whole-image mode beyond :data:`WHOLE_IMAGE_MAX_PIXELS`.
+AUTO_TILE = 2048
 
 
-#: Floor of a stage-2 threshold taken from a run. A run's best-F1 threshold comes from its
-#: validation patches (mitoses, background, annotated look-alikes), which lack stage 1's own
-#: false positives (those are mined from training images only); there it can fall to ~0.01
-#: and, applied to real candidates, accept nearly all of them. Batches are balanced, so 0.5 is
-#: the classifier's own decision boundary. An explicit threshold is never raised.
-MIN_AUTO_CLS_THRESHOLD = 0.5
-
-
-def run_metric(run_dir, key: str, which: str = "best", default: float = 0.5) -> float:
-    """A score threshold a training run found on its validation data.
-
-    ``best.json``'s ``metrics[key]`` for ``which="best"``; for ``"model"`` (the final weights)
-    the last epoch's value in ``metrics.json``, else ``best.json``'s. ``default`` when the run
-    has neither (no validation data) or the value is not in [0, 1].
-    """
-    run_dir = Path(run_dir)
-    candidates = []
-    if which == "model" and (run_dir / "metrics.json").is_file():
-        last = _read_json(run_dir / "metrics.json").get("last") or {}
-        candidates.append(last.get(key))
-    if (run_dir / "best.json").is_file():
-        metrics = _read_json(run_dir / "best.json").get("metrics") or {}
-        candidates.append(metrics.get(key))
-    for value in candidates:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
-            return float(value)
-    return float(default)
-
-
-def run_cls_threshold(cls_run, which: str = "best", default: float = 0.5) -> float:
-    """The acceptance threshold of a ``train-cls`` run: its validation best-F1 threshold."""
-    return run_metric(cls_run, "val_best_threshold", which, default)
-
-
-def run_det_threshold(det_run, which: str = "best", default: float = 0.0) -> float:
-    """The candidate threshold of a ``train-det`` run: the highest stage-1 score threshold
-    that keeps its best validation recall (``val_recall_threshold``)."""
-    return run_metric(det_run, "val_recall_threshold", which, default)
-
-
-def run_field_thresholds(cls_run, which: str = "best") -> tuple[float, float] | None:
-    """The (stage-1, stage-2) pair a ``train-cls`` run chose by the cascade's F1 on whole
-    validation fields (``mine --include-val``), or None when it had no such candidates."""
-    det = run_metric(cls_run, "val_cascade_det_threshold", which, default=-1.0)
-    cls_ = run_metric(cls_run, "val_cascade_cls_threshold", which, default=-1.0)
-    return None if det < 0 or cls_ < 0 else (det, cls_)
-
-
-def run_data_mpp(run_dir) -> float | None:
-    """The pixel size (um/px) a training run's shards were rescaled to (``prepare
-    --target-mpp``), from its ``run.json``; None when they kept the images' own."""
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        return None
-    value = _read_json(path).get("data_mpp")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InputError(f"data_mpp must be a positive number, got {value!r}", path)
-    return float(value)
+def level_topk(height: int, width: int, topk_per_level: int) -> int:
+    """Boxes each FPN level keeps before NMS in one Mdet call on ``height`` x ``width`` px:
+    ``topk_per_level`` per :data:`TOPK_REFERENCE_PX` square, never fewer than
+    ``topk_per_level``, so the top-k scales with the area as the candidate cap does."""
+    ref = TOPK_REFERENCE_PX * TOPK_REFERENCE_PX
+    return max(int(topk_per_level), math.ceil(int(topk_per_level) * height * width / ref))
 
 
 def _pick_checkpoint(run_dir: Path, which: str) -> str:
@@ -264,9 +223,14 @@ class Cascade:
         det_scale, cls_scale: each stage's pixels per input pixel (``mpp / stage mpp``).
         last_stage1_info: stage 1 of the last image run (None before the first):
             ``{"candidates": n kept, "cap": the image's candidate_cap, "cap_bound": bool,
-            "calls": Mdet calls, "calls_at_cap": calls that returned their own cap}``.
-            ``cap_bound`` is True when the cap may have cut candidates: more than ``cap``
-            survived the final NMS, or some Mdet call returned as many as its own cap.
+            "calls": Mdet calls, "calls_at_cap": calls that returned their own cap,
+            "tile": the tile side (0: whole image), "auto_tiled": bool, "call_cap": each
+            call's NMS max output (its candidate_cap), "topk_per_level": each call's
+            :func:`level_topk`, "calls_at_topk": calls where a level's top-k was full of
+            boxes over the threshold, "bound": which caps may have cut candidates}``.
+            ``bound`` lists ``per_level_topk`` (some call's top-k), ``call_nms_max`` (some
+            call returned as many as its own cap) and ``image_cap`` (more than ``cap``
+            survived the final NMS); ``cap_bound`` is True when it is not empty.
     """
 
     def __init__(self, det_model, det_config, cls_model, cls_config: MclassConfig,
@@ -289,7 +253,7 @@ class Cascade:
                                    else s.cls_threshold)
         self.nms_iou = float(inference.nms_iou if s.nms_iou is None else s.nms_iou)
         self.patch = int(cls_config.crop_size if s.patch is None else s.patch)
-        self._detectors = {}  # {max_detections: Detector}, one per cap (per call size)
+        self._detectors = {}  # {(max_detections, top-k): Detector}, one per call size
         self.last_stage1_info = None
 
     @classmethod
@@ -336,22 +300,32 @@ class Cascade:
 
     # ------------------------------------------------------------------ overridable models
 
+    def level_topk(self, height: int, width: int) -> int:
+        """:func:`level_topk` of one Mdet call on ``height`` x ``width`` px."""
+        return level_topk(height, width, self.det_config.inference.topk_per_level)
+
     def _detect_tiles(self, batch: np.ndarray, max_detections: int, valid_size=None) -> list:
-        """Mdet on float32 [N, h, w, 3] images in [0, 1], at most ``max_detections`` each;
-        per image (boxes (D, 4), scores (D,)), best first.
+        """Mdet on float32 [N, h, w, 3] images in [0, 1], at most ``max_detections`` each,
+        each level keeping :meth:`level_topk` boxes of the batch's size before NMS;
+        per image (boxes (D, 4), scores (D,), whether a level's top-k was full of boxes over
+        the threshold), best first (an override may leave out the flag).
 
         ``valid_size`` (height, width): the top-left part of every image that is image, where
         the rest is padding (an image smaller than a tile); None: all of it.
         """
-        detector = self._detectors.get(max_detections)
+        topk = self.level_topk(*_padded(*batch.shape[1:3]))
+        detector = self._detectors.get((max_detections, topk))
         if detector is None:
-            detector = Detector(self.det_model, self.det_config, self.det_threshold,
-                                max_detections=max_detections)
-            self._detectors[max_detections] = detector
+            inference = dataclasses.replace(self.det_config.inference, topk_per_level=topk)
+            detector = Detector(self.det_model,
+                                dataclasses.replace(self.det_config, inference=inference),
+                                self.det_threshold, max_detections=max_detections)
+            self._detectors[(max_detections, topk)] = detector
         dets = detector(batch, *(valid_size or (None, None)))
         counts = dets["num_detections"].numpy()
         boxes, scores = dets["boxes"].numpy(), dets["scores"].numpy()
-        return [(boxes[i, :n], scores[i, :n]) for i, n in enumerate(counts)]
+        full = dets["topk_full"].numpy()
+        return [(boxes[i, :n], scores[i, :n], bool(full[i])) for i, n in enumerate(counts)]
 
     def _classify(self, patches: np.ndarray) -> np.ndarray:
         """Mclass probabilities of uint8 [N, P, P, 3] crops (averaged over the 8 dihedral
@@ -376,16 +350,34 @@ class Cascade:
         """:func:`candidate_cap` of ``height`` x ``width`` Mdet pixels (``det_mpp``)."""
         return candidate_cap(height, width, self.det_mpp, self.settings.max_candidates_per_mm2)
 
-    def _detect_capped(self, batch: np.ndarray, cap: int, valid_size=None) -> list:
+    def _detect_calls(self, batch: np.ndarray, cap: int, valid_size=None) -> list:
         """:meth:`_detect_tiles`, each image's result cut to its ``cap`` best scores (an
-        override may return more); per image (boxes (D, 4), scores (D,), reached cap)."""
+        override may return more); per image (boxes (D, 4), scores (D,), reached cap,
+        top-k full)."""
         capped = []
-        for boxes, scores in self._detect_tiles(batch, cap, valid_size):
-            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-            scores = np.asarray(scores, np.float32).reshape(-1)
+        for found in self._detect_tiles(batch, cap, valid_size):
+            boxes = np.asarray(found[0], np.float32).reshape(-1, 4)
+            scores = np.asarray(found[1], np.float32).reshape(-1)
             order = np.argsort(-scores, kind="stable")[:cap]
-            capped.append((boxes[order], scores[order], len(scores) >= cap))
+            topk_full = bool(found[2]) if len(found) > 2 else False
+            capped.append((boxes[order], scores[order], len(scores) >= cap, topk_full))
         return capped
+
+    def _detect_capped(self, batch: np.ndarray, cap: int, valid_size=None) -> list:
+        """:meth:`_detect_calls` without the top-k flag: per image (boxes (D, 4), scores
+        (D,), reached cap or a full per-level top-k)."""
+        return [(boxes, scores, at_cap or topk_full)
+                for boxes, scores, at_cap, topk_full in self._detect_calls(batch, cap,
+                                                                           valid_size)]
+
+    def stage1_tile(self, height: int, width: int) -> int:
+        """The tile side stage 1 uses on ``height`` x ``width`` Mdet px: the settings' tile,
+        or for whole-image mode :data:`AUTO_TILE` beyond :data:`WHOLE_IMAGE_MAX_PIXELS`
+        (0: the whole image in one call)."""
+        tile = self.settings.tile
+        if tile == 0 and height * width > WHOLE_IMAGE_MAX_PIXELS:
+            return AUTO_TILE
+        return tile
 
     def _stage1_model(self, image: np.ndarray):
         """Stage 1 on an image already in Mdet's pixels; boxes in those pixels.
@@ -393,31 +385,43 @@ class Cascade:
         Sets :attr:`last_stage1_info`.
         """
         height, width = image.shape[:2]
-        tile = self.settings.tile
-        found, at_cap = [], []
+        tile = self.stage1_tile(height, width)
+        found, at_cap, at_topk = [], [], []
         if tile == 0:
-            cap = self.candidate_cap(height, width)
-            boxes, scores, full = self._detect_capped(
-                image[None].astype(np.float32) / 255.0, cap)[0]
+            call_cap = self.candidate_cap(height, width)
+            topk = self.level_topk(*_padded(height, width))
+            boxes, scores, full, topk_full = self._detect_calls(
+                image[None].astype(np.float32) / 255.0, call_cap)[0]
             found.append((boxes, scores))
             at_cap.append(full)
+            at_topk.append(topk_full)
         else:
             grid = TileGrid(height, width, tile, self.settings.overlap)
             padded, cells = grid.pad(image), grid.cells()
-            tile_cap, step = self.candidate_cap(tile, tile), self.settings.tile_batch
+            call_cap, step = self.candidate_cap(tile, tile), self.settings.tile_batch
+            if tile != self.settings.tile:  # auto-tiled: one tile per call bounds the memory
+                step = 1
+            topk = self.level_topk(tile, tile)
             for start in range(0, len(cells), step):
                 chunk = cells[start:start + step]
                 batch = np.stack([grid.cut(padded, c) for c in chunk]).astype(np.float32) / 255.0
-                for cell, (boxes, scores, full) in zip(
-                        chunk, self._detect_capped(batch, tile_cap, grid.valid)):
+                for cell, (boxes, scores, full, topk_full) in zip(
+                        chunk, self._detect_calls(batch, call_cap, grid.valid)):
                     found.append(grid.keep(cell, boxes, scores))
                     at_cap.append(full)
+                    at_topk.append(topk_full)
         cap = self.candidate_cap(height, width)
         boxes, scores, survived, _ = merge_candidates(found, height, width, self.det_threshold,
                                                       self.nms_iou, cap)
+        bound = [name for name, hit in (("per_level_topk", any(at_topk)),
+                                        ("call_nms_max", any(at_cap)),
+                                        ("image_cap", survived > cap)) if hit]
         self.last_stage1_info = {"candidates": int(len(scores)), "cap": int(cap),
-                                 "cap_bound": bool(survived > cap or any(at_cap)),
-                                 "calls": len(at_cap), "calls_at_cap": int(sum(at_cap))}
+                                 "cap_bound": bool(bound), "calls": len(at_cap),
+                                 "calls_at_cap": int(sum(at_cap)), "tile": int(tile),
+                                 "auto_tiled": bool(tile != self.settings.tile),
+                                 "call_cap": int(call_cap), "topk_per_level": int(topk),
+                                 "calls_at_topk": int(sum(at_topk)), "bound": bound}
         return boxes, scores
 
     def _stage2_model(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -479,6 +483,12 @@ class Cascade:
             "cls_score": cls_scores.astype(np.float64),
             "accepted": accepted,
         }, columns=RESULT_COLUMNS)
+
+
+def _padded(height: int, width: int) -> tuple[int, int]:
+    """The size Mdet sees an image at: padded to a multiple of ``INPUT_MULTIPLE``."""
+    m = INPUT_MULTIPLE
+    return -(-height // m) * m, -(-width // m) * m
 
 
 def merge_points(centres, scores, accepted, radius: float) -> np.ndarray:

@@ -28,7 +28,7 @@ DETECTION_COLUMNS = ["image", "x", "y", "x1", "y1", "x2", "y2", "det_score", "cl
                      "accepted"]
 #: Columns of ``counts.csv``.
 COUNT_COLUMNS = ["image", "accepted", "candidates", "width_px", "height_px", "mpp", "area_mm2",
-                 "per_mm2"]
+                 "per_mm2", "qc"]
 MITOSIS_CLASS = {"name": "Mitosis", "color": [0, 200, 0]}
 ACCEPTED_RGB = (0, 255, 0)
 REJECTED_RGB = (255, 0, 0)
@@ -218,25 +218,32 @@ def write_overlay(image: np.ndarray, df: pd.DataFrame, path, quality: int = 90,
     _write_atomic(path, encoded.tobytes())
 
 
-def count_row(image_id: str, df: pd.DataFrame, width: int, height: int, mpp: float) -> dict:
-    """One image's entry for :func:`counts_table`."""
+def count_row(image_id: str, df: pd.DataFrame, width: int, height: int, mpp: float,
+              qc: dict | None = None) -> dict:
+    """One image's entry for :func:`counts_table`; ``qc``: its domain-check record
+    (:func:`focas_keras.domain.qc_block`), written as ``ok``, the flags joined by ``;``, or
+    ``unchecked`` where none was made."""
+    from focas_keras.domain import qc_text
+
     return {"image": str(image_id), "accepted": int(df["accepted"].astype(bool).sum()),
             "candidates": int(len(df)), "width_px": int(width), "height_px": int(height),
-            "mpp": float(mpp)}
+            "mpp": float(mpp), "qc": qc_text(qc)}
 
 
 def counts_table(rows) -> pd.DataFrame:
     """Per-image counts and densities.
 
     Args:
-        rows: dicts with ``image, accepted, candidates, width_px, height_px, mpp`` (see
-            :func:`count_row`).
+        rows: dicts with ``image, accepted, candidates, width_px, height_px, mpp`` and
+            optionally ``qc`` (see :func:`count_row`).
 
     Returns:
         :data:`COUNT_COLUMNS`; ``area_mm2`` = width * height * mpp^2 / 1e6 and ``per_mm2`` =
-        accepted / area_mm2 (mitoses per mm^2 of image).
+        accepted / area_mm2 (mitoses per mm^2 of image); ``qc`` ``unchecked`` where a row has
+        none.
     """
-    table = pd.DataFrame(list(rows), columns=COUNT_COLUMNS[:6])
+    table = pd.DataFrame(list(rows), columns=COUNT_COLUMNS[:6] + ["qc"])
+    table["qc"] = table["qc"].fillna("unchecked").astype(str)
     table = table.astype({"image": str, "accepted": "int64", "candidates": "int64",
                           "width_px": "int64", "height_px": "int64", "mpp": "float64"})
     table["area_mm2"] = table.width_px * table.height_px * table.mpp ** 2 / 1e6
@@ -271,7 +278,7 @@ def _write_tables(out_dir: Path, frames: dict, rows: list) -> pd.DataFrame:
 
 
 def write_outputs(out_dir, results: dict, overlays: bool = True,
-                  rejected: bool = True) -> pd.DataFrame:
+                  rejected: bool = True, qc: dict | None = None) -> pd.DataFrame:
     """Writes every output of a set of images into ``out_dir``.
 
     Args:
@@ -279,6 +286,7 @@ def write_outputs(out_dir, results: dict, overlays: bool = True,
         results: ``{image_id: (df from Cascade.run, uint8 RGB image, mpp)}``.
         overlays: also write ``overlays/<image_id>.jpg``.
         rejected: draw the rejected candidates on the overlays.
+        qc: optional ``{image_id: qc record}`` for the ``qc`` column of ``counts.csv``.
 
     Writes ``detections.csv``, ``detections.geojson`` (all images),
     ``geojson/<image_id>.geojson`` (one per image, for QuPath's per-image import),
@@ -292,7 +300,8 @@ def write_outputs(out_dir, results: dict, overlays: bool = True,
     frames, rows = {}, []
     for image_id, (df, image, mpp) in results.items():
         frames[image_id] = df
-        rows.append(count_row(image_id, df, image.shape[1], image.shape[0], mpp))
+        rows.append(count_row(image_id, df, image.shape[1], image.shape[0], mpp,
+                              (qc or {}).get(image_id)))
         if overlays:
             write_overlay(image, df, out_dir / "overlays" / f"{image_id}.jpg",
                           rejected=rejected)
@@ -313,7 +322,7 @@ def _beside_progress_bar(emit):
 
 def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: bool = True,
                   overwrite: bool = False, extra: dict | None = None, rejected: bool = True,
-                  warn=None) -> pd.DataFrame:
+                  warn=None, qc=None, failed: list | None = None) -> pd.DataFrame:
     """Runs the cascade on images and writes :func:`write_outputs`' files plus ``detect.json``.
 
     Images are processed one at a time (only tables are kept in memory). The output directory
@@ -336,6 +345,15 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
         rejected: draw the rejected candidates on the overlays (thin, under the accepted).
         warn: callable taking a warning message (default: printed on stderr); called once,
             for the first input without colour.
+        qc: callable ``(image, df) -> qc record`` (:func:`focas_keras.domain.image_qc`):
+            each image's domain check, in ``detect.json`` (``qc``) and ``counts.csv``.
+        failed: None: an image that cannot be read stops the run (nothing is written). A
+            list: the inputs already set aside (``{"image", "path", "reason"}``, see
+            ``commands.common._image_files_or_failures``), to which each image that cannot
+            be read is added while the rest run; ``detect.json`` lists them under
+            ``failed``, and ``counts.csv`` and the other tables hold only the images
+            processed (so ``evaluate`` scores only those). Where no image can be read, the
+            last one's error is raised (nothing is written).
 
     Returns:
         The counts table (one row per image).
@@ -351,6 +369,7 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
     from data_tools.annotations import (ColourCheck, _stderr_warning, check_image_file,
                                         load_image)
     from focas_keras import __version__
+    from focas_keras.errors import InputError
     from focas_keras.inference.cascade import list_inputs
     from focas_keras.io import atomic_output_dir, write_json_atomic
 
@@ -358,17 +377,28 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
     for path in files:  # a non-image fails now, before any image is processed
         check_image_file(path)
     mpp = float(cascade.settings.mpp)
+    done = []
     colour = ColourCheck(_beside_progress_bar(warn or _stderr_warning))
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        frames, rows, stage1 = {}, [], {}
+        frames, rows, stage1, checks = {}, [], {}, {}
         for path in tqdm(files, desc="detect", unit="image", disable=not progress):
-            image = load_image(path, warn=colour)
+            try:
+                image = load_image(path, warn=colour)
+            except InputError as error:
+                if failed is None or (path == files[-1] and not done):
+                    raise
+                failed.append({"image": path.stem, "path": str(path),
+                               "reason": str(error).removeprefix(f"{path}: ")})
+                continue
+            done.append(path)
             df = cascade.run(image)
             info = getattr(cascade, "last_stage1_info", None)
             if info is not None:
                 stage1[path.stem] = dict(info)
             frames[path.stem] = df
-            rows.append(count_row(path.stem, df, image.shape[1], image.shape[0], mpp))
+            checks[path.stem] = qc(image, df) if qc is not None else None
+            rows.append(count_row(path.stem, df, image.shape[1], image.shape[0], mpp,
+                                  checks[path.stem]))
             if overlays:
                 write_overlay(image, df, tmp / "overlays" / f"{path.stem}.jpg",
                               rejected=rejected)
@@ -380,9 +410,10 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
                          "cls_threshold": cascade.cls_threshold,
                          "nms_iou": cascade.nms_iou, "patch": cascade.patch,
                          "det_mpp": cascade.det_mpp, "cls_mpp": cascade.cls_mpp},
-            "images": {path.stem: str(path) for path in files},
-            "totals": {"images": len(files), "candidates": int(counts.candidates.sum()),
+            "images": {path.stem: str(path) for path in done},
+            "totals": {"images": len(done), "candidates": int(counts.candidates.sum()),
                        "accepted": int(counts.accepted.sum())},
+            "failed": list(failed or []),
             "stage1_cap": {
                 "max_candidates_per_mm2": getattr(cascade.settings, "max_candidates_per_mm2",
                                                   None),
@@ -391,6 +422,7 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
                 "images": stage1,
             },
             **colour.summary(),
+            **({"qc": checks} if qc is not None else {}),
             **(extra or {}),
         })
     return counts

@@ -121,14 +121,16 @@ def decode_detections(outputs: dict, height: int, width: int, config: MdetConfig
 
     Returns:
         dict with ``boxes`` float32 [B, D, 4] (x1, y1, x2, y2 input pixels), ``scores`` [B, D],
-        ``num_detections`` int32 [B]; D = ``max_detections``, padded with zeros.
+        ``num_detections`` int32 [B]; D = ``max_detections``, padded with zeros; ``topk_full``
+        bool [B]: some level had more boxes than ``topk_per_level`` and its k-th best score
+        reached the threshold, so the per-level top-k may have cut candidates.
     """
     inf = config.inference
     threshold = inf.score_threshold if score_threshold is None else score_threshold
     cap = int(inf.max_detections if max_detections is None else max_detections)
     if cap < 1:
         raise ValueError(f"max_detections must be >= 1, got {cap}")
-    all_scores, all_boxes = [], []
+    all_scores, all_boxes, all_sizes = [], [], []
     shapes = levels.level_shapes(height, width, config.strides)
     if "anchor_cls" in outputs:
         acfg = anchor_config(config)
@@ -139,6 +141,7 @@ def decode_detections(outputs: dict, height: int, width: int, config: MdetConfig
         s, b = _level_topk(scores, boxes, sizes, inf.topk_per_level)
         all_scores += s
         all_boxes += b
+        all_sizes += sizes
     if "free_cls" in outputs:
         centers, loc_strides, _ = level_layout(height, width, config.strides)
         scores = tf.reduce_max(tf.sigmoid(tf.cast(outputs["free_cls"], tf.float32)), -1)
@@ -151,6 +154,11 @@ def decode_detections(outputs: dict, height: int, width: int, config: MdetConfig
         s, b = _level_topk(scores, boxes, [h * w for h, w in shapes], inf.topk_per_level)
         all_scores += s
         all_boxes += b
+        all_sizes += [h * w for h, w in shapes]
+    topk_full = tf.zeros_like(all_scores[0][:, 0], tf.bool)
+    for level_scores, size in zip(all_scores, all_sizes):
+        if size > inf.topk_per_level:  # the k-th best kept score reached the threshold
+            topk_full |= level_scores[:, -1] >= threshold
     scores = tf.concat(all_scores, axis=1)
     boxes = tf.concat(all_boxes, axis=1)
     vh = tf.cast(height if valid_height is None else valid_height, tf.float32)
@@ -173,7 +181,7 @@ def decode_detections(outputs: dict, height: int, width: int, config: MdetConfig
         score_threshold=threshold, clip_boxes=False)
     out_boxes = tf.gather(nms.nmsed_boxes, [1, 0, 3, 2], axis=-1)
     return {"boxes": out_boxes, "scores": nms.nmsed_scores,
-            "num_detections": tf.cast(nms.valid_detections, tf.int32)}
+            "num_detections": tf.cast(nms.valid_detections, tf.int32), "topk_full": topk_full}
 
 
 def centre_inside(boxes, height, width):

@@ -114,13 +114,16 @@ def reference_detections(bundle: Path, image_path: Path) -> dict:
 
 def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
               train_seconds: float, date: str, overrides: dict | None = None,
-              selection: dict | None = None) -> dict:
+              selection: dict | None = None, domain: dict | None = None) -> dict:
     """The machine-readable card of a model trained by ``experiments/train_bundled.py``.
 
     ``overrides``: {"train-det": [...], "train-cls": [...]} ``--set`` options given on top of
     the preset (named in the recipe text when there are any). ``selection``: None when all 15
     fields trained and the final weights ship; else ``{"val_slide": S, "det_epoch": e,
     "cls_epoch": e}``: slide S validated and the checkpoints selected on it ship.
+    ``domain``: the model's domain block (pixel sizes and the training fields' colour
+    statistics, :class:`focas_keras.domain.DomainCard`; ``experiments/domain_stats.py``
+    computes it), which ``detect`` and ``slide`` check inputs against.
     """
     cv = thresholds["cv"]
     extra = [f"{k} --set {o}" for k, v in sorted((overrides or {}).items()) for o in v]
@@ -174,6 +177,11 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
                          "train-cls": list((overrides or {}).get("train-cls", []))}
     if selection is not None:
         card["selection"] = dict(selection)
+    if domain is not None:
+        from focas_keras.domain import DomainCard
+
+        DomainCard.from_dict(domain)  # refuses a malformed block before it ships
+        card["domain"] = domain
     return card
 
 
@@ -217,6 +225,7 @@ def card_markdown(card: dict) -> str:
         f"{p['precision']:.3f}, recall {p['recall']:.3f}, **F1 {p['f1']:.3f}**; stage-1 "
         f"candidates reach {cv['candidate_recall']:.3f} of the mitoses. This estimates the "
         f"recipe, not this model ({trained}).", "",
+        *_domain_markdown(card.get("domain")),
         "## Known limits", ""] + [f"- {item}" for item in card["limits"]] + [
         "", "## Files (sha256)", ""] + [f"- `{k}`: `{v}`" for k, v in
                                          sorted(card["files"].items())]
@@ -225,3 +234,27 @@ def card_markdown(card: dict) -> str:
         lines += ["", f"Reference on the sample field `{ref['image']}`: {ref['candidates']} "
                       f"candidates, {len(ref['accepted'])} accepted (listed in card.json)."]
     return "\n".join(lines) + "\n"
+
+
+def _domain_markdown(block: dict | None) -> list[str]:
+    """The card's "Domain" section (empty without a domain block)."""
+    if not block:
+        return []
+    from focas_keras import domain
+
+    stain, mpp = block["stain"], block["stage_mpp"]
+    lines = ["## Domain (what `detect` and `slide` check)", "",
+             f"- Pixel size: stages trained at {', '.join(f'{k} {v:g}' for k, v in mpp.items())}"
+             f" um/px; an input coarser than {min(mpp.values()):g} um/px by more than "
+             f"{domain.MPP_TOLERANCE:.0%} is refused (`--allow-coarser` runs it, flagged).",
+             f"- Stain: mean and spread over the {stain['fields']} training fields of "
+             f"{', '.join(stain['features'])} (haematoxylin/eosin/DAB deconvolution and Macenko "
+             f"stain vectors of the tissue pixels); an input further than {stain['limit']:g} "
+             f"(RMS z-score) is flagged. Limit: {stain['limit_rule']}.",
+             f"- Density: more than {domain.DENSITY_LIMIT_PER_MM2:g} mitoses per mm2 (with at "
+             f"least {domain.DENSITY_MIN_COUNT}) is flagged as implausible.", ""]
+    measured = block.get("measured")
+    if measured:
+        lines += [f"Measured `{measured['command']}` ({measured['date']}):", "",
+                  *measured["table"], ""]
+    return lines

@@ -402,3 +402,54 @@ def cutoff_table_markdown(diameters_mm=DEFAULT_DIAMETERS_MM, n_hpf: int = 10) ->
             f"{row['area_mm2']:.3f} | 0-{row['score1_max']} | {two} | "
             f">= {row['score3_min']} |")
     return "\n".join(lines) + "\n"
+
+
+def clip_ring(ring, x0: float, y0: float, x1: float, y1: float) -> list:
+    """A polygon ring clipped to the rectangle ``[x0, x1] x [y0, y1]`` (Sutherland-Hodgman).
+
+    Exact for a convex ring such as a circle's polygon: the result is their intersection.
+
+    Args:
+        ring: closed ring ``[[x, y], ..., first]`` (or open: the closing vertex is optional).
+        x0, y0, x1, y1: the rectangle (x0 < x1, y0 < y1).
+
+    Returns:
+        The closed clipped ring (first vertex repeated at the end); ``[]`` when the ring lies
+        outside the rectangle.
+    """
+    points = [(float(x), float(y)) for x, y in ring]
+    if len(points) > 1 and points[0] == points[-1]:
+        points = points[:-1]
+    # Each side of the rectangle as (axis, bound, sign): inside where sign * (v - bound) >= 0.
+    for axis, bound, sign in ((0, x0, 1.0), (0, x1, -1.0), (1, y0, 1.0), (1, y1, -1.0)):
+        def inside(v, axis=axis, bound=bound, sign=sign):
+            return sign * (v[axis] - bound) >= 0.0
+
+        def cut(v, w, axis=axis, bound=bound):
+            t = (bound - v[axis]) / (w[axis] - v[axis])
+            return tuple(bound if a == axis else v[a] + (w[a] - v[a]) * t for a in (0, 1))
+
+        out = []
+        for k, q in enumerate(points):
+            p = points[k - 1]
+            if inside(q):
+                if not inside(p):
+                    out.append(cut(p, q))
+                out.append(q)
+            elif inside(p):
+                out.append(cut(p, q))
+        points = out
+        if not points:
+            break
+    if len(points) < 3:
+        return []
+    return [list(p) for p in points] + [list(points[0])]
+
+
+def ring_area(ring) -> float:
+    """Area enclosed by a polygon ring (shoelace), in the ring's units squared; 0 for ``[]``."""
+    if len(ring) < 3:
+        return 0.0
+    pts = np.asarray(ring, np.float64)
+    x, y = pts[:, 0], pts[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)

@@ -92,7 +92,20 @@ def pixel_size_from_properties(
 
 
 def _open_plain_image(path: Path) -> Image.Image:
-    """Decodes a plain image fully (so a broken file fails here), as RGB or RGBA."""
+    """Decodes a plain image fully (so a broken file fails here), as RGB or RGBA.
+
+    Pillow's guard against "decompression bombs" (about 179 Mpx) is lifted for the file the
+    user names: a big plain scan is what ``slide`` is for (it is decoded whole, so it needs
+    3 bytes per pixel of memory).
+    """
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return _decode_plain_image(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _decode_plain_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
@@ -312,20 +325,27 @@ class SlideReader:
             (rgb, scale_x, scale_y): (H, W, 3) uint8 RGB; thumbnail px per level-0 px along x
             and y (exactly W / width and H / height).
         """
-        level = self.level_for_mpp(target_mpp)
+        level, out_w, out_h = self.thumbnail_size(target_mpp)
         level_w, level_h = self.level_dimensions[level]
-        factor = self.level_mpp(level) / target_mpp
-        if factor < 1.0:
-            out_w = max(1, round(level_w * factor))
-            out_h = max(1, round(level_h * factor))
-        else:
-            out_w, out_h = level_w, level_h
         if level_w * level_h <= MAX_READ_PIXELS:
             rgb = self._read_level_rows(level, 0, level_h)
             rgb = _area_resize(rgb, out_w, out_h)
         else:
             rgb = self._strip_thumbnail(level, out_w, out_h)
         return rgb, out_w / self.width, out_h / self.height
+
+    def thumbnail_size(self, target_mpp: float = 8.0) -> tuple[int, int, int]:
+        """What :meth:`thumbnail` reads and returns, without reading a pixel.
+
+        Returns:
+            (level, width, height): the level read and the thumbnail's size, px.
+        """
+        level = self.level_for_mpp(target_mpp)
+        level_w, level_h = self.level_dimensions[level]
+        factor = self.level_mpp(level) / target_mpp
+        if factor >= 1.0:
+            return level, level_w, level_h
+        return level, max(1, round(level_w * factor)), max(1, round(level_h * factor))
 
     def _strip_thumbnail(self, level: int, out_w: int, out_h: int) -> np.ndarray:
         level_w, level_h = self.level_dimensions[level]

@@ -14,8 +14,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from focas_keras.inference.outputs import _write_atomic, geojson_features, write_detections_csv
+from focas_keras.inference.outputs import _write_atomic, detections_table, geojson_features
 from focas_keras.io import write_json_atomic
+from focas_keras.slides import hotspot as hs
 
 HOTSPOT_CLASS = {"name": "Hotspot", "color": [220, 0, 0]}
 TISSUE_BGR = (255, 128, 0)
@@ -33,13 +34,80 @@ def circle_ring(x: float, y: float, radius: float, vertices: int = 128) -> list:
     return ring + [ring[0]]
 
 
-def hotspot_feature(slide: str, summary_hotspot: dict) -> dict:
-    """The hotspot window as a QuPath annotation (a 128-gon in level-0 px)."""
+def window_ring(summary_hotspot: dict, width: int, height: int) -> list:
+    """The hotspot circle as a 128-gon in level-0 px, clipped to the slide ``[0, width] x
+    [0, height]`` (the window never runs off the slide)."""
+    h = summary_hotspot
+    ring = hs.clip_ring(circle_ring(h["x_px"], h["y_px"], h["radius_px"]), 0.0, 0.0,
+                        float(width), float(height))
+    return [[round(x, 2), round(y, 2)] for x, y in ring]
+
+
+def hotspot_summary(spot, mpp: float, size_px, area_mm2: float, tissue_mm2: float,
+                    counted: int) -> dict:
+    """The ``hotspot`` entry of ``summary.json``.
+
+    Args:
+        spot: the :class:`~focas_keras.slides.hotspot.Hotspot` (None: no counted mitosis, or
+            the window does not fit the tissue).
+        mpp: level-0 pixel size, um/px.
+        size_px: (width, height) of the slide, level-0 px.
+        area_mm2: the window's area; tissue_mm2: the tissue's.
+        counted: mitoses counted on the whole slide (inside the tissue mask).
+
+    Returns:
+        ``fits`` False where the tissue is smaller than the window: the count is then over all
+        tissue (``window: "all tissue"``, ``area_mm2`` the tissue's, with a ``note``).
+        Otherwise the window (count, per mm2, centre and radius in um and px) with
+        ``area_in_slide_mm2``, its area inside the slide (it is clipped to the slide).
+    """
+    radius_um = hs.circle_radius_um(area_mm2)
+    if tissue_mm2 < area_mm2:
+        return {"fits": False, "window": "all tissue", "count": int(counted),
+                "area_mm2": float(tissue_mm2),
+                "per_mm2": counted / tissue_mm2 if tissue_mm2 > 0 else 0.0,
+                "window_mm2": float(area_mm2), "radius_um": radius_um,
+                "note": (f"the tissue ({tissue_mm2:.2f} mm2) is smaller than the "
+                         f"{area_mm2:.2f} mm2 window: the count is over all tissue and no "
+                         "score is given")}
+    if spot is None:
+        return {"fits": True, "window": "circle", "count": 0, "radius_um": radius_um,
+                "area_mm2": float(area_mm2), "per_mm2": 0.0}
+    out = dict(spot.to_dict(mpp), fits=True, window="circle")
+    out.pop("members", None)
+    ring = window_ring(out, *size_px)
+    out["area_in_slide_mm2"] = round(hs.ring_area(ring) * (mpp / 1000.0) ** 2, 4)
+    return out
+
+
+def score_entry(hotspot: dict, qc: dict, score_anyway: bool = False) -> dict:
+    """The ``score`` entry of ``summary.json``: the Nottingham mitosis score of the hotspot,
+    or ``score: None`` with the ``reason`` where the window does not fit the tissue (never
+    scored) or the slide is flagged (scored only with ``score_anyway``; the score then lists
+    the ``flags``)."""
+    from focas_keras.domain import FLAG_SMALL_TISSUE
+
+    if not hotspot["fits"]:
+        return {"score": None, "reason": hotspot["note"]}
+    score = hs.nottingham_score(hotspot["count"], hotspot["area_mm2"])
+    flags = [f for f in qc["flags"] if f != FLAG_SMALL_TISSUE]
+    if flags and not score_anyway:
+        return {"score": None, "rule": score["rule"], "source": score["source"],
+                "reason": (f"not given: the slide is flagged ({', '.join(flags)}); check the "
+                           "flags, or pass --score-anyway to print it")}
+    if flags:
+        score["flagged"] = flags
+    return score
+
+
+def hotspot_feature(slide: str, summary_hotspot: dict, width: int, height: int) -> dict:
+    """The hotspot window as a QuPath annotation (a 128-gon in level-0 px, clipped to the
+    slide of ``width`` x ``height`` px)."""
     h = summary_hotspot
     return {
         "type": "Feature",
         "geometry": {"type": "Polygon",
-                     "coordinates": [circle_ring(h["x_px"], h["y_px"], h["radius_px"])]},
+                     "coordinates": [window_ring(h, width, height)]},
         "properties": {
             "objectType": "annotation",
             "classification": dict(HOTSPOT_CLASS, color=list(HOTSPOT_CLASS["color"])),
@@ -128,14 +196,23 @@ def draw_thumbnail(thumb: np.ndarray, scale: tuple[float, float], tissue,
     if spot.get("x_px") is not None:
         centre = (int(round(spot["x_px"] * sx)), int(round(spot["y_px"] * sy)))
         cv2.circle(out, centre, max(2, int(round(radius_px))), HOTSPOT_BGR, 2, cv2.LINE_AA)
-    caption = (f"{summary['mitoses']} mitoses; hotspot {spot['count']} in "
-               f"{spot['area_mm2']:.2f} mm2; score {summary['score']['score']}; "
-               f"peak density {peak:.1f}/mm2")
+    given = summary["score"]["score"]
+    flags = (summary.get("qc") or {}).get("flags") or []
+    captions = [f"{summary['mitoses']} mitoses; "
+                + (f"hotspot {spot['count']} in " if spot.get("fits", True) else
+                   f"all tissue ({spot['count']}) in ")
+                + f"{spot['area_mm2']:.2f} mm2; "
+                + (f"score {given}" if given is not None else "no score")
+                + f"; peak density {peak:.1f}/mm2"]
+    captions += [f"FLAGGED: {flag}" for flag in flags]  # one per line: a narrow slide cuts
     scale = max(0.35, min(1.0, width / 1400.0))
-    (tw, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-    cv2.rectangle(out, (0, 0), (min(width, tw + 8), th + base + 8), (255, 255, 255), -1)
-    cv2.putText(out, caption, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
-                cv2.LINE_AA)
+    y = 0
+    for caption in captions:
+        (tw, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        cv2.rectangle(out, (0, y), (min(width, tw + 8), y + th + base + 8), (255, 255, 255), -1)
+        cv2.putText(out, caption, (4, y + th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    (0, 0, 0) if caption is captions[0] else (0, 0, 200), 1, cv2.LINE_AA)
+        y += th + base + 8
     return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
 
 
@@ -149,21 +226,28 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 def write_slide_outputs(out_dir, reader, table: pd.DataFrame, summary: dict, spot,
                         tissue) -> None:
     """Writes a slide's ``detections.csv``, ``detections.geojson``, ``tissue_mask.png``,
-    ``thumbnail.png`` and, last, ``summary.json``."""
+    ``thumbnail.png`` and, last, ``summary.json``.
+
+    ``table`` holds every candidate with ``in_tissue`` and ``counted`` (accepted and in
+    tissue) columns; only counted mitoses go into the GeoJSON and the thumbnail."""
     from focas_keras.slides.tissue import save_mask_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     named = table.assign(image=reader.name)
-    write_detections_csv(named, out_dir / "detections.csv")
-    features = geojson_features(reader.name, named)
+    # every candidate, with whether it lies in the tissue mask and is counted
+    csv = detections_table(named).assign(in_tissue=named["in_tissue"].astype(bool).to_numpy(),
+                                         counted=named["counted"].astype(bool).to_numpy())
+    _write_atomic(out_dir / "detections.csv", csv.to_csv(index=False, lineterminator="\n"))
+    features = geojson_features(reader.name, named.assign(accepted=named["counted"]))
     if spot is not None:
-        features.append(hotspot_feature(reader.name, summary["hotspot"]))
+        features.append(hotspot_feature(reader.name, summary["hotspot"], reader.width,
+                                        reader.height))
     _write_atomic(out_dir / "detections.geojson",
                   json.dumps({"type": "FeatureCollection", "features": features},
                              allow_nan=False) + "\n")
     save_mask_png(tissue.mask, out_dir / "tissue_mask.png")
-    accepted = table[table["accepted"].astype(bool)][["x", "y"]].to_numpy(np.float64)
+    accepted = table[table["counted"].astype(bool)][["x", "y"]].to_numpy(np.float64)
     # The picture: about THUMBNAIL_SIDE px along the slide's long side, not the mask's coarse
     # grid, so that a small slide stays legible; never finer than THUMBNAIL_MIN_MPP (a small
     # slide would otherwise be read whole at full resolution just for its picture).
@@ -185,11 +269,23 @@ def summary_text(summary: dict, out_dir) -> str:
     """What the pathologist reads first: count, hotspot, score, tiles, where the files are."""
     spot, score, tiles = summary["hotspot"], summary["score"], summary["tiles"]
     per_tissue = summary["per_mm2_tissue"]
+    outside = summary.get("accepted_outside_tissue", 0)
     lines = [
         f"{summary['slide']}: {summary['mitoses']} mitoses in {summary['tissue_mm2']:.2f} mm2 "
-        f"of tissue" + (f" ({per_tissue:.2f} per mm2)" if per_tissue is not None else ""),
+        f"of tissue" + (f" ({per_tissue:.2f} per mm2)" if per_tissue is not None else "")
+        + (f"; {outside} accepted outside the tissue mask, not counted" if outside else ""),
     ]
-    if spot.get("x_px") is not None:
+    qc = summary.get("qc")
+    if qc is not None:
+        if qc["flags"]:
+            lines.append(f"  qc: FLAGGED ({', '.join(qc['flags'])})")
+            lines += [f"    {reason}" for reason in qc["reasons"]]
+        else:
+            lines.append("  qc: ok (pixel size, stain and density within the model's domain)")
+    if not spot.get("fits", True):
+        lines.append(f"  hotspot: {spot['note']}; {spot['count']} mitoses in "
+                     f"{spot['area_mm2']:.2f} mm2 of tissue")
+    elif spot.get("x_px") is not None:
         window = (f"{spot['hpf']} HPF of {spot['field_diameter_mm']:g} mm"
                   if spot.get("hpf") else "circle")
         lines.append(f"  hotspot: {spot['count']} mitoses in {spot['area_mm2']:.2f} mm2 "
@@ -199,11 +295,17 @@ def summary_text(summary: dict, out_dir) -> str:
     else:
         lines.append(f"  hotspot: no accepted mitosis in tissue (count 0 in "
                      f"{spot['area_mm2']:.2f} mm2)")
-    lines.append(f"  Nottingham mitosis score {score['score']} ({score['rule']})")
+    if score["score"] is None:
+        lines.append(f"  Nottingham mitosis score: none ({score['reason']})")
+    else:
+        lines.append(f"  Nottingham mitosis score {score['score']} ({score['rule']})"
+                     + (" -- FLAGGED slide, given because of --score-anyway"
+                        if score.get("flagged") else ""))
     unreadable = (f", {tiles['unreadable']} UNREADABLE (results incomplete)"
                   if tiles["unreadable"] else "")
     lines.append(f"  tiles: {tiles['processed']} processed, {tiles['skipped']} skipped "
                  f"({tiles['skip_rule']}){unreadable}; {summary['seconds']:.0f} s")
-    lines.append(f"  {out_dir}/: summary.json, detections.csv (every candidate; accepted = "
-                 f"counted), detections.geojson (QuPath), thumbnail.png, tissue_mask.png")
+    lines.append(f"  {out_dir}/: summary.json, detections.csv (every candidate; counted = "
+                 f"accepted and in tissue), detections.geojson (QuPath), thumbnail.png, "
+                 f"tissue_mask.png")
     return "\n".join(lines)

@@ -50,10 +50,6 @@ JOURNAL_VERSION = 1
 OUTPUT_FILES = ("detections.csv", "detections.geojson", "tissue_mask.png", "thumbnail.png",
                 "summary.json")
 #: Columns of ``slides.csv`` (one row per slide).
-SLIDE_COLUMNS = ["slide", "path", "mpp", "tissue_mm2", "mitoses", "per_mm2_tissue",
-                 "hotspot_count", "hotspot_mm2", "hotspot_per_mm2", "hotspot_x", "hotspot_y",
-                 "score", "field_diameter_mm", "tiles_processed", "tiles_skipped",
-                 "tiles_unreadable", "complete", "seconds"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +67,9 @@ class SlideSettings:
         hpf, field_diameter_mm: the hotspot as ``hpf`` microscope fields of this diameter.
         on_tile_error: ``continue`` (count the tile as unreadable, go on) or ``fail``.
         prefetch: tiles read ahead of the one computing.
+        allow_coarser: the caller allowed a slide coarser than the model (flagged either way).
+        score_anyway: give the Nottingham score of a flagged slide (default: withheld).
+        domain: the model's :class:`~focas_keras.domain.DomainCard` (None: stain unchecked).
     """
 
     tile: int = 1024
@@ -83,6 +82,9 @@ class SlideSettings:
     field_diameter_mm: float | None = None
     on_tile_error: str = "continue"
     prefetch: int = 4
+    allow_coarser: bool = False
+    score_anyway: bool = False
+    domain: object = None
 
     def __post_init__(self):
         def finite(v, low=0.0):
@@ -432,23 +434,37 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
 
 def _finish(reader, out_dir, settings, table, records, failed, tissue, cascade,
             seconds) -> dict:
-    """Hotspot, score, and every output file of one slide (summary.json last)."""
+    """Counting, hotspot, domain checks, score, and every output file of one slide
+    (summary.json last).
+
+    One rule: only accepted detections inside the tissue mask are counted (the slide's
+    mitoses, per mm2 of tissue, and the hotspot); the others stay in ``detections.csv`` with
+    ``in_tissue`` false. Where the tissue is smaller than the window, the count is over all
+    tissue and there is no score; a flagged slide (``summary["qc"]``) gets no score unless
+    ``settings.score_anyway``.
+    """
+    from focas_keras import domain
     from focas_keras.slides import report
 
-    accepted = table[table["accepted"].astype(bool)]
-    points_um = accepted[["x", "y"]].to_numpy(np.float64) * reader.mpp
+    table = table.assign(in_tissue=tissue.contains(table[["x", "y"]].to_numpy(np.float64)))
+    table["counted"] = table["accepted"].astype(bool) & table["in_tissue"]
+    counted = table[table["counted"]]
+    points_um = counted[["x", "y"]].to_numpy(np.float64) * reader.mpp
     area = settings.hotspot_area_mm2
-    radius_um = hs.circle_radius_um(area)
+    tissue_mm2 = tissue.area_mm2(reader.mpp)
+    n_counted = int(len(counted))
 
     def in_tissue(centres_um):
         return tissue.contains(np.asarray(centres_um, np.float64) / reader.mpp)
 
-    spot = hs.find_hotspot(points_um, radius_um, in_tissue) if len(points_um) else None
-    count = 0 if spot is None else spot.count
-    score = hs.nottingham_score(count, area)
-    tissue_mm2 = tissue.area_mm2(reader.mpp)
+    spot = (hs.find_hotspot(points_um, hs.circle_radius_um(area), in_tissue)
+            if len(points_um) and tissue_mm2 >= area else None)
+    hotspot = report.hotspot_summary(spot, reader.mpp, (reader.width, reader.height), area,
+                                     tissue_mm2, n_counted)
+    hotspot.update(hpf=settings.hpf, field_diameter_mm=settings.field_diameter_mm)
+    qc = domain.slide_qc(reader, tissue, settings.domain,
+                         min(cascade.det_mpp, cascade.cls_mpp), n_counted, tissue_mm2, hotspot)
     statuses = collections.Counter(r["status"] for r in records)
-    n_accepted = int(len(accepted))
     summary = {
         "slide": reader.name, "path": str(reader.path), "vendor": reader.vendor,
         "size_px": [reader.width, reader.height], "mpp": reader.mpp,
@@ -457,14 +473,15 @@ def _finish(reader, out_dir, settings, table, records, failed, tissue, cascade,
                        cascade.det_mpp)},
                    "cls": {"mpp": cascade.cls_mpp, "level": reader.level_for_mpp(
                        cascade.cls_mpp)}},
-        "mitoses": n_accepted, "candidates": int(len(table)),
+        "mitoses": n_counted, "candidates": int(len(table)),
+        "accepted_outside_tissue": int(table["accepted"].astype(bool).sum()) - n_counted,
+        "counted_in": ("tissue mask" if settings.tissue_mask
+                       else "whole slide (--no-tissue-mask)"),
         "tissue_mm2": round(tissue_mm2, 4),
-        "per_mm2_tissue": round(n_accepted / tissue_mm2, 4) if tissue_mm2 > 0 else None,
-        "hotspot": dict(
-            (spot.to_dict(reader.mpp) if spot is not None else
-             {"count": 0, "radius_um": radius_um, "area_mm2": area, "per_mm2": 0.0}),
-            window="circle", hpf=settings.hpf, field_diameter_mm=settings.field_diameter_mm),
-        "score": score,
+        "per_mm2_tissue": round(n_counted / tissue_mm2, 4) if tissue_mm2 > 0 else None,
+        "hotspot": hotspot,
+        "score": report.score_entry(hotspot, qc, settings.score_anyway),
+        "qc": qc,
         "tiles": {"total": len(records) + len(failed),
                   "processed": statuses.get("done", 0),
                   "skipped": statuses.get("skipped", 0), "unreadable": len(failed),
@@ -473,14 +490,12 @@ def _finish(reader, out_dir, settings, table, records, failed, tissue, cascade,
                   "skip_rule": (f"tissue < {settings.min_tissue:g} of the tile's footprint"
                                 if settings.tissue_mask else "none (--no-tissue-mask)")},
         "complete": not failed,
-        "settings": dataclasses.asdict(settings),
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "domain"},
         "thresholds": {"det": cascade.det_threshold, "cls": cascade.cls_threshold,
                        "tta": bool(cascade.settings.tta),
                        "merge_um": cascade.settings.merge_px * cascade.settings.mpp},
         "seconds": round(seconds, 1),
     }
-    if spot is not None:
-        summary["hotspot"].pop("members", None)
     report.write_slide_outputs(out_dir, reader, table, summary, spot, tissue)
     return summary
 
@@ -494,79 +509,6 @@ def _stderr(message: str) -> None:
         print(f"focas-keras: warning: {message}", file=sys.stderr)
 
 
-def slides_row(summary: dict) -> dict:
-    """One ``slides.csv`` row of a slide's summary."""
-    spot, tiles = summary["hotspot"], summary["tiles"]
-    return {"slide": summary["slide"], "path": summary["path"], "mpp": summary["mpp"],
-            "tissue_mm2": summary["tissue_mm2"], "mitoses": summary["mitoses"],
-            "per_mm2_tissue": summary["per_mm2_tissue"], "hotspot_count": spot["count"],
-            "hotspot_mm2": round(spot["area_mm2"], 4),
-            "hotspot_per_mm2": round(spot["per_mm2"], 4),
-            "hotspot_x": spot.get("x_px"), "hotspot_y": spot.get("y_px"),
-            "score": summary["score"]["score"],
-            "field_diameter_mm": spot.get("field_diameter_mm"),
-            "tiles_processed": tiles["processed"], "tiles_skipped": tiles["skipped"],
-            "tiles_unreadable": tiles["unreadable"], "complete": summary["complete"],
-            "seconds": summary["seconds"]}
-
-
-def open_slides(paths, mpp: float | None = None) -> list:
-    """Opens every slide before any runs, so a bad file fails the call up front.
-
-    Raises:
-        InputError: a path that is not a readable slide or image, no pixel size, or two
-            slides with the same file stem (the stem names the output directory).
-    """
-    from focas_keras.slides.reader import SlideReader
-
-    readers, seen = [], {}
-    try:
-        for path in paths:
-            reader = SlideReader.open(path, mpp=mpp)
-            readers.append(reader)
-            if reader.name in seen:
-                raise InputError(f"two slides named '{reader.name}' (also {seen[reader.name]})",
-                                 path)
-            seen[reader.name] = path
-    except BaseException:
-        for reader in readers:
-            reader.close()
-        raise
-    return readers
-
-
-def run_slides(cascade, slides, out_dir, settings: SlideSettings = SlideSettings(),
-               mpp: float | None = None, model: dict | None = None, progress: bool = True,
-               overwrite: bool = False, warn=None, echo=None) -> list[dict]:
-    """:func:`run_slide` on several slides: ``out_dir/<slide>/`` each and ``out_dir/slides.csv``
-    (rewritten after each slide).
-
-    Args:
-        slides: paths (opened with :func:`open_slides` and ``mpp``, closed at the end), or
-            the readers :func:`open_slides` returned (closed at the end too).
-        echo: callable given each slide's printed summary (:func:`report.summary_text`).
-
-    Returns:
-        The summaries, in the order given.
-    """
-    from focas_keras.slides import report
-    from focas_keras.slides.reader import SlideReader
-
-    slides = list(slides)
-    readers = (slides if slides and all(isinstance(s, SlideReader) for s in slides)
-               else open_slides(slides, mpp))
-    out_dir = Path(out_dir)
-    summaries = []
-    try:
-        for reader in readers:
-            summary = run_slide(cascade, reader, out_dir / reader.name, settings, model=model,
-                                progress=progress, overwrite=overwrite, warn=warn)
-            summaries.append(summary)
-            report.write_slides_csv(out_dir / "slides.csv",
-                                    [slides_row(s) for s in summaries], SLIDE_COLUMNS)
-            if echo is not None:
-                echo(report.summary_text(summary, out_dir / reader.name))
-    finally:
-        for reader in readers:
-            reader.close()
-    return summaries
+# The batch over several slides lives in batch.py (kept here under its old names).
+from focas_keras.slides.batch import (  # noqa: E402,F401
+    SLIDE_COLUMNS, failed_row, open_slides, run_slides, slides_row)

@@ -190,17 +190,23 @@ def tissue_map(reader, target_mpp: float = 8.0, detect: bool = True,
                **mask_kwargs) -> TissueMap:
     """The tissue of a whole slide, from its thumbnail at about ``target_mpp``.
 
+    The thumbnail comes from the coarsest level fine enough; a slide without a pyramid is
+    read from level 0 in strips (:meth:`SlideReader.thumbnail`), so memory stays bounded.
+
     Args:
         reader: an open :class:`focas_keras.slides.reader.SlideReader`.
         target_mpp: thumbnail pixel size, um/px.
-        detect: False takes the whole slide as tissue (``--no-tissue-mask``), on the same grid.
+        detect: False takes the whole slide as tissue (``--no-tissue-mask``), on the same grid;
+            no pixel is read for it.
         **mask_kwargs: passed to :func:`tissue_mask` (``min_saturation``, ``close_um``, ...).
 
     Returns:
         The :class:`TissueMap` of the thumbnail.
     """
-    rgb, scale_x, scale_y = reader.thumbnail(target_mpp)
     if not detect:
-        return TissueMap(np.ones(rgb.shape[:2], bool), scale_x, scale_y)
+        _, width, height = reader.thumbnail_size(target_mpp)
+        return TissueMap(np.ones((height, width), bool), width / reader.width,
+                         height / reader.height)
+    rgb, scale_x, scale_y = reader.thumbnail(target_mpp)
     thumb_mpp = reader.mpp / math.sqrt(scale_x * scale_y)
     return TissueMap(tissue_mask(rgb, thumb_mpp, **mask_kwargs), scale_x, scale_y)
