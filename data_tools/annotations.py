@@ -2,6 +2,8 @@
 
 A reader returns an :class:`AnnotationSet`: ``images`` lists every image (including images with
 no annotation, which matter as sources of background), ``annotations`` holds one row per object.
+``images`` columns: :data:`IMAGE_COLUMNS` (``scanner`` and ``dataset`` are "" where a reader
+does not know them; the AMi-Br reader fills them, so that splits can hold out scanners).
 
 ``annotations`` columns (:data:`ANNOTATION_COLUMNS`):
 
@@ -37,7 +39,10 @@ LABELS = (MITOSIS, HARD_NEGATIVE)
 ICPR2012_MPP = 0.2456
 IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
-IMAGE_COLUMNS = ["image_id", "image_path", "slide_id", "width", "height", "mpp"]
+IMAGE_COLUMNS = ["image_id", "image_path", "slide_id", "width", "height", "mpp", "scanner",
+                 "dataset"]
+#: Columns of the images table a reader may leave out (filled with "": unknown).
+OPTIONAL_IMAGE_COLUMNS = ("scanner", "dataset")
 ANNOTATION_COLUMNS = [
     "image_id", "image_path", "slide_id", "x", "y", "x1", "y1", "x2", "y2", "label", "mpp",
     "pixels",
@@ -73,10 +78,13 @@ class AnnotationSet:
 
 
 def make_images_table(rows) -> pd.DataFrame:
-    """Builds the images table from dicts with :data:`IMAGE_COLUMNS` keys."""
-    table = pd.DataFrame(list(rows), columns=IMAGE_COLUMNS)
+    """Builds the images table from dicts with :data:`IMAGE_COLUMNS` keys; the
+    :data:`OPTIONAL_IMAGE_COLUMNS` (``scanner``, ``dataset``) may be absent: "" (unknown)."""
+    rows = [{**{name: "" for name in OPTIONAL_IMAGE_COLUMNS}, **row} for row in rows]
+    table = pd.DataFrame(rows, columns=IMAGE_COLUMNS)
     table = table.astype({"image_id": str, "image_path": str, "slide_id": str,
-                          "width": "int64", "height": "int64", "mpp": "float64"})
+                          "width": "int64", "height": "int64", "mpp": "float64",
+                          "scanner": str, "dataset": str})
     return table.sort_values("image_id", kind="stable").reset_index(drop=True)
 
 

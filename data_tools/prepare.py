@@ -1,4 +1,17 @@
-"""``focas-keras prepare``: an annotation set -> det and cls TFRecord shards + manifest.json."""
+"""``focas-keras prepare``: an annotation set -> det and cls TFRecord shards + manifest.json.
+
+Every image is first brought to ``target_mpp``. Shards hold one pixel size, so a dataset whose
+images come at several pixel sizes needs one: the AMi-Br format (per-crop 0.23 / 0.25 um/px)
+defaults to :data:`~data_tools.annotations.ICPR2012_MPP` (0.2456 um/px, the stage pixel size
+of the ICPR-trained models); other formats keep their pixel size unless told.
+
+Images smaller than a det tile (AMi-Br's 128 px crops: 120-130 px at 0.2456 um/px, against
+224 px tiles) give no det tiles by default for AMi-Br (``det_small_images="skip"``): a tile
+would be mostly reflection, a border Mdet never meets on whole fields. ``"pad"`` (the default
+of the other formats) cuts them reflect-padded as before. Their cls patches are cut as
+everywhere (reflect-padded where a patch leaves the crop; 112 px patches around a centred
+figure fit inside such a crop up to the positive jitter).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools import sampling
-from data_tools.annotations import HARD_NEGATIVE, MITOSIS, AnnotationSet, load_image
+from data_tools.annotations import (
+    HARD_NEGATIVE, ICPR2012_MPP, MITOSIS, AnnotationSet, load_image)
 from data_tools.shards import ShardWriter
 from focas_keras import __version__
 from focas_keras.data import records
@@ -20,6 +34,11 @@ from focas_keras.errors import InputError
 from focas_keras.io import atomic_output_dir, write_json_atomic
 
 TRAIN, VAL = "train", "val"
+#: ``target_mpp`` used when none is given, per format (formats with one pixel size per image).
+FORMAT_TARGET_MPP = {"amibr": ICPR2012_MPP}
+#: ``det_small_images`` used when none is given, per format (else ``pad``).
+FORMAT_DET_SMALL = {"amibr": "skip"}
+DET_SMALL_CHOICES = ("skip", "pad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +65,19 @@ class PrepareConfig:
         cls_background_per_image: random background patches per image.
         cls_background_distance: background centres keep this distance from every annotated
             object, px.
-        val_slides: slides forming the validation split; when empty, ``val_fraction`` of the
-            slides (at least one, if the fraction is > 0) are drawn with ``seed``.
-        val_fraction: share of slides in validation when ``val_slides`` is empty.
+        val_slides: slides forming the validation split; when empty (and ``val_scanners``
+            too), ``val_fraction`` of the slides (at least one, if the fraction is > 0) are
+            drawn with ``seed``.
+        val_scanners: scanners whose slides all go to validation (with ``val_slides``, if
+            any), for holding out whole scanners; needs a dataset that knows its scanners.
+        val_fraction: share of slides in validation when ``val_slides`` and
+            ``val_scanners`` are empty.
         seed: seed of the split and of every sampled position.
-        target_mpp: rescale images to this pixel size (um/px) first; None keeps them.
+        target_mpp: rescale images to this pixel size (um/px) first; None keeps them (or the
+            format's :data:`FORMAT_TARGET_MPP`).
+        det_small_images: images smaller than a det tile on either side: ``skip`` (no det
+            tiles) or ``pad`` (reflect-padded tiles); None: the format's
+            :data:`FORMAT_DET_SMALL`, else ``pad``.
         shard_mb: size bound of one shard, MiB.
     """
 
@@ -68,9 +95,11 @@ class PrepareConfig:
     cls_background_per_image: int = 40
     cls_background_distance: float = 40.0
     val_slides: tuple = ()
+    val_scanners: tuple = ()
     val_fraction: float = 0.2
     seed: int = 0
     target_mpp: float | None = None
+    det_small_images: str | None = None
     shard_mb: float = 64.0
 
     def validate(self) -> None:
@@ -84,6 +113,8 @@ class PrepareConfig:
             (2 * self.det_margin < self.tile_size, "det margin must be < tile size / 2"),
             (self.shard_mb > 0, "shard size must be > 0"),
             (self.target_mpp is None or self.target_mpp > 0, "target mpp must be > 0"),
+            (self.det_small_images in (None,) + DET_SMALL_CHOICES,
+             f"det small images must be one of {', '.join(DET_SMALL_CHOICES)}"),
             (min(self.det_tiles_per_mitosis, self.cls_per_mitosis, self.cls_per_hard_negative,
                  self.cls_background_per_image) >= 0, "sample counts must be >= 0"),
         ]
@@ -92,23 +123,51 @@ class PrepareConfig:
                 raise InputError(message)
 
 
-def split_slides(slides, config: PrepareConfig) -> dict[str, list[str]]:
+def for_format(config: PrepareConfig, fmt: str) -> PrepareConfig:
+    """``config`` with the format's defaults where it leaves ``target_mpp`` and
+    ``det_small_images`` None (:data:`FORMAT_TARGET_MPP`, :data:`FORMAT_DET_SMALL`)."""
+    return dataclasses.replace(
+        config,
+        target_mpp=config.target_mpp if config.target_mpp is not None
+        else FORMAT_TARGET_MPP.get(fmt),
+        det_small_images=config.det_small_images or FORMAT_DET_SMALL.get(fmt, "pad"))
+
+
+def split_slides(slides, config: PrepareConfig, scanner_of: dict | None = None
+                 ) -> dict[str, list[str]]:
     """Assigns whole slides to ``train`` / ``val`` (deterministic for a seed).
 
     Args:
         slides: slide ids present in the dataset.
-        config: gives ``val_slides`` or ``val_fraction`` and ``seed``.
+        config: gives ``val_slides`` and/or ``val_scanners``, or ``val_fraction`` and
+            ``seed``.
+        scanner_of: ``{slide: scanner}`` (needed for ``val_scanners``; "" = unknown).
 
     Returns:
         ``{"train": [...], "val": [...]}``, sorted slide ids, disjoint.
     """
     slides = sorted(set(slides))
-    if config.val_slides:
+    if config.val_slides or config.val_scanners:
         unknown = sorted(set(config.val_slides) - set(slides))
         if unknown:
             raise InputError(f"unknown validation slide(s) {', '.join(unknown)} "
                              f"(dataset slides: {', '.join(slides)})")
-        val = sorted(config.val_slides)
+        val = set(config.val_slides)
+        if config.val_scanners:
+            scanner_of = scanner_of or {}
+            known = sorted({v for v in scanner_of.values() if v})
+            if not known:
+                raise InputError("--val-scanners needs a dataset that records scanners "
+                                 "(e.g. --format amibr); this one records none")
+            missing = sorted(set(config.val_scanners) - set(known))
+            if missing:
+                raise InputError(f"unknown validation scanner(s) {', '.join(missing)} "
+                                 f"(dataset scanners: {', '.join(known)})")
+            val |= {s for s in slides if scanner_of.get(s, "") in config.val_scanners}
+        if config.val_scanners and len(val) == len(slides):
+            raise InputError("the validation split would hold every slide; nothing is left "
+                             "to train on")
+        val = sorted(val)
     elif config.val_fraction > 0 and len(slides) > 1:
         count = min(len(slides) - 1, max(1, int(round(config.val_fraction * len(slides)))))
         order = np.random.default_rng(config.seed).permutation(len(slides))
@@ -116,6 +175,13 @@ def split_slides(slides, config: PrepareConfig) -> dict[str, list[str]]:
     else:
         val = []
     return {TRAIN: [s for s in slides if s not in val], VAL: val}
+
+
+def _column(table, name: str) -> list[str]:
+    """A text column of the images table, "" for every row where the table has none."""
+    if name not in table.columns:
+        return [""] * len(table)
+    return ["" if v is None or v != v else str(v) for v in table[name]]
 
 
 def _image_rng(seed: int, image_id: str) -> np.random.Generator:
@@ -229,14 +295,18 @@ def prepare(aset: AnnotationSet, out_dir, config: PrepareConfig = PrepareConfig(
         The manifest.
     """
     config.validate()
+    config = for_format(config, aset.fmt)
     if aset.images.empty:
         raise InputError("the dataset has no images", aset.source or None)
-    splits = split_slides(aset.images.slide_id, config)
+    scanners = _column(aset.images, "scanner")
+    scanner_of = dict(zip(aset.images.slide_id, scanners))
+    splits = split_slides(aset.images.slide_id, config, scanner_of)
     max_bytes = int(config.shard_mb * (1 << 20))
     counts = {s: {"images": [], "slides": splits[s],
                   "det": {"records": 0, "boxes": 0, "tiles_with_mitoses": 0, "empty_tiles": 0,
-                          "grid_tiles": 0},
+                          "grid_tiles": 0, "skipped_small_images": 0},
                   "field": {"records": 0, "mitoses": 0},
+                  "scanners": sorted({scanner_of[x] for x in splits[s] if scanner_of[x]}),
                   "cls": {"records": 0, "positive": 0, "negative": 0, MITOSIS: 0,
                           "background": 0, HARD_NEGATIVE: 0}} for s in (TRAIN, VAL)}
     split_of = {slide: s for s in (TRAIN, VAL) for slide in splits[s]}
@@ -247,7 +317,8 @@ def prepare(aset: AnnotationSet, out_dir, config: PrepareConfig = PrepareConfig(
             writers[records.FIELD, VAL] = ShardWriter(tmp, records.FIELD, VAL, max_bytes)
         try:
             rows = list(aset.images.itertuples())
-            for info in tqdm(rows, desc="prepare", unit="image", disable=not progress):
+            for info, scanner in tqdm(zip(rows, scanners), total=len(rows), desc="prepare",
+                                      unit="image", disable=not progress):
                 split = split_of[info.slide_id]
                 c = counts[split]
                 c["images"].append(info.image_id)
@@ -258,9 +329,6 @@ def prepare(aset: AnnotationSet, out_dir, config: PrepareConfig = PrepareConfig(
                 rng = _image_rng(config.seed, info.image_id)
                 mitoses = objects[objects.label == MITOSIS]
                 grid = config.det_grid and split == TRAIN
-                if grid:
-                    c["det"]["grid_tiles"] += len(sampling.grid_origins(
-                        image.shape[1], image.shape[0], config.tile_size))
                 if config.val_fields and split == VAL:
                     writers[records.FIELD, VAL].write(records.field_example(
                         _encode_png(image), info.image_id, info.slide_id,
@@ -268,7 +336,14 @@ def prepare(aset: AnnotationSet, out_dir, config: PrepareConfig = PrepareConfig(
                         mitoses[["x", "y"]].to_numpy(np.float64)))
                     c["field"]["records"] += 1
                     c["field"]["mitoses"] += len(mitoses)
-                for tile, origin, boxes in det_samples(image, mitoses, config, rng, grid):
+                skip = (config.det_small_images == "skip"
+                        and min(image.shape[:2]) < config.tile_size)
+                c["det"]["skipped_small_images"] += int(skip)
+                if grid and not skip:
+                    c["det"]["grid_tiles"] += len(sampling.grid_origins(
+                        image.shape[1], image.shape[0], config.tile_size))
+                det = [] if skip else det_samples(image, mitoses, config, rng, grid)
+                for tile, origin, boxes in det:
                     writers[records.DET, split].write(records.det_example(
                         _encode_png(tile), info.image_id, info.slide_id, origin, boxes))
                     c["det"]["records"] += 1
@@ -277,7 +352,7 @@ def prepare(aset: AnnotationSet, out_dir, config: PrepareConfig = PrepareConfig(
                 for patch, label, source, centre in cls_samples(image, objects, config, rng):
                     writers[records.CLS, split].write(records.cls_example(
                         _encode_png(patch), label, source, info.image_id, info.slide_id,
-                        centre))
+                        centre, scanner=scanner))
                     c["cls"]["records"] += 1
                     c["cls"]["positive" if label else "negative"] += 1
                     c["cls"][source] += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from focas_keras.errors import InputError
 
-FORMATS = ("icpr2012", "gzmh", "coco", "csv", "synth")
+FORMATS = ("icpr2012", "gzmh", "coco", "csv", "synth", "amibr")
 
 
 def read_dataset(fmt: str, source, mpp: float | None = None, **kwargs):
@@ -12,7 +12,7 @@ def read_dataset(fmt: str, source, mpp: float | None = None, **kwargs):
 
     Args:
         fmt: dataset format name.
-        source: dataset directory (icpr2012, gzmh, synth) or file (coco JSON, csv).
+        source: dataset directory (icpr2012, gzmh, synth, amibr) or file (coco JSON, csv).
         mpp: pixel size in um/px; None keeps the reader's default.
         **kwargs: further reader arguments (e.g. ``box_size``).
 
@@ -36,6 +36,10 @@ def read_dataset(fmt: str, source, mpp: float | None = None, **kwargs):
         from data_tools.readers.coco import read_coco
         kwargs.pop("box_size", None)
         return read_coco(source, **kwargs)
+    if fmt == "amibr":
+        from data_tools.readers.amibr import read_amibr
+        kwargs.pop("box_size", None)  # boxes are sized in um from each crop's own mpp
+        return read_amibr(source, **kwargs)
     if fmt == "csv":
         from data_tools.readers.csv_table import read_csv_table
         return read_csv_table(source, **kwargs)

@@ -110,6 +110,11 @@ def _finish(ds, batch_size, drop_remainder, deterministic):
     return ds.with_options(options)
 
 
+def _label_is(value):
+    feature = {"label": records.CLS_FEATURES["label"]}
+    return lambda s: tf.equal(tf.io.parse_single_example(s, feature)["label"], value)
+
+
 def _element_seed(seed, index):
     return tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
 
@@ -182,7 +187,8 @@ def cls_dataset(shard_dir, split: str = "train", batch_size: int = 32,
                 augment: aug.AugmentConfig | None = None, shuffle: bool = True,
                 repeat: bool = False, seed: int = 0, deterministic: bool = False,
                 positive_share: float | None = None, shuffle_buffer: int = 2048,
-                drop_remainder: bool = False, verify: bool = True) -> tf.data.Dataset:
+                drop_remainder: bool = False, verify: bool = True, extra_dirs=(),
+                extra_share: float = 0.0) -> tf.data.Dataset:
     """Batches of classification patches and labels.
 
     Args:
@@ -199,6 +205,12 @@ def cls_dataset(shard_dir, split: str = "train", batch_size: int = 32,
         shuffle_buffer: records in the shuffle buffer.
         drop_remainder: drop a last smaller batch.
         verify: check shard checksums against the manifest first.
+        extra_dirs: further shard directories (other datasets, e.g. other scanners' mitoses)
+            whose ``split`` records join the balanced draw; same patch size as ``shard_dir``.
+        extra_share: share of each label's draws taken from ``extra_dirs`` (split evenly
+            between them), where they have that label; a source without negatives (a
+            positives-only set) gives positives only, and the negatives all come from the
+            sources that have them. Needs ``positive_share``.
 
     Returns:
         Dataset of ``(images, labels)``: images float32 [B, P, P, 3] in [0, 1], labels float32
@@ -206,7 +218,12 @@ def cls_dataset(shard_dir, split: str = "train", batch_size: int = 32,
     """
     manifest, files = _shard_files(shard_dir, records.CLS, split, verify)
     size = int(manifest["patch_size"])
-    ds = _records(files, shuffle, seed, deterministic)
+    extra_dirs = list(extra_dirs)
+    if extra_dirs and positive_share is None:
+        raise InputError("extra shard directories need balanced sampling (positive_share)")
+    if not 0 <= extra_share < 1 or (extra_dirs and extra_share == 0):
+        raise InputError(f"extra share must be in (0, 1) with extra shard directories and 0 "
+                         f"without, got {extra_share!r}")
     if positive_share is not None:
         if not 0 < positive_share < 1:
             raise InputError("positive share must be in (0, 1)")
@@ -214,20 +231,29 @@ def cls_dataset(shard_dir, split: str = "train", batch_size: int = 32,
         if not counts["positive"] or not counts["negative"]:
             raise InputError(f"split '{split}' needs both positive and negative patches for "
                              "balanced sampling", shard_dir)
-
-        def label_is(value):
-            feature = {"label": records.CLS_FEATURES["label"]}
-            return lambda s: tf.equal(tf.io.parse_single_example(s, feature)["label"], value)
-
-        streams = []
-        for offset, value in enumerate((1, 0)):
-            stream = ds.filter(label_is(value))
-            if shuffle:
-                stream = stream.shuffle(shuffle_buffer, seed=seed + offset)
-            streams.append(stream.repeat())
-        ds = tf.data.Dataset.sample_from_datasets(
-            streams, weights=[positive_share, 1.0 - positive_share], seed=seed)
+        sources = [(shard_dir, files, counts)]
+        for extra in extra_dirs:
+            extra_manifest, extra_files = _shard_files(extra, records.CLS, split, verify)
+            if int(extra_manifest["patch_size"]) != size:
+                raise InputError(f"patch size {extra_manifest['patch_size']} differs from "
+                                 f"{size} px of {shard_dir}", extra)
+            sources.append((extra, extra_files, extra_manifest["splits"][split]["cls"]))
+        streams, weights = [], []
+        for label, label_share, key in ((1, positive_share, "positive"),
+                                        (0, 1.0 - positive_share, "negative")):
+            extras = [i for i, src in enumerate(sources) if i and src[2][key]]
+            shares = {0: 1.0 - extra_share if extras else 1.0}
+            shares.update({i: extra_share / len(extras) for i in extras})
+            for i, share in shares.items():
+                stream = _records(sources[i][1], shuffle, seed + 7 * i, deterministic)
+                stream = stream.filter(_label_is(label))
+                if shuffle:
+                    stream = stream.shuffle(shuffle_buffer, seed=seed + 7 * i + 1 - label)
+                streams.append(stream.repeat())
+                weights.append(label_share * share)
+        ds = tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=seed)
     else:
+        ds = _records(files, shuffle, seed, deterministic)
         if shuffle:
             ds = ds.shuffle(shuffle_buffer, seed=seed)
         if repeat:

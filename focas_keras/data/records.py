@@ -20,6 +20,8 @@ image_id        bytes     source image id
 slide_id        bytes     source slide id
 center          int64[2]  patch centre (x, y) in the (possibly rescaled) source image
 score           float     stage-1 score of a mined candidate (optional; -1 when absent)
+scanner         bytes     scanner of the source image (optional; empty when unknown, as in
+                          shards written before it existed)
 =============== ========= ==============================================================
 
 ``field`` records (one whole validation field, ``prepare --val-fields``), used to select
@@ -83,10 +85,11 @@ def det_example(png: bytes, image_id: str, slide_id: str, origin, boxes) -> byte
 
 
 def cls_example(png: bytes, label: int, source: str, image_id: str, slide_id: str,
-                center, score: float | None = None) -> bytes:
+                center, score: float | None = None, scanner: str = "") -> bytes:
     """Serialises one classification patch (see the module docstring for the fields).
 
     ``score``: the stage-1 score of a mined candidate; omitted (read back as -1) otherwise.
+    ``scanner``: the source image's scanner; omitted when empty (read back as ``b""``).
     """
     features = {
         "image": _bytes([png]),
@@ -98,6 +101,8 @@ def cls_example(png: bytes, label: int, source: str, image_id: str, slide_id: st
     }
     if score is not None:
         features["score"] = _floats([score])
+    if scanner:
+        features["scanner"] = _bytes([scanner.encode()])
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
@@ -130,6 +135,7 @@ CLS_FEATURES = {
     "slide_id": tf.io.FixedLenFeature([], tf.string),
     "center": tf.io.FixedLenFeature([2], tf.int64),
     "score": tf.io.FixedLenFeature([], tf.float32, default_value=NO_SCORE),
+    "scanner": tf.io.FixedLenFeature([], tf.string, default_value=b""),
 }
 
 FIELD_FEATURES = {
@@ -169,7 +175,8 @@ def parse_cls(serialized, size: int) -> dict:
 
     Returns:
         dict with ``image`` uint8 [size, size, 3], ``label`` int64 scalar, ``source``,
-        ``image_id``, ``slide_id`` (string scalars) and ``center`` int64 [2].
+        ``image_id``, ``slide_id``, ``scanner`` (string scalars; ``scanner`` empty when
+        unknown), ``center`` int64 [2] and ``score`` float32 scalar.
     """
     parsed = tf.io.parse_single_example(serialized, CLS_FEATURES)
     image = tf.io.decode_png(parsed["image"], channels=3)

@@ -1,7 +1,9 @@
 """Mclass: FoCasNet's stage-2 patch classifier (mitosis vs not) and its helpers.
 
 ``build_mclass`` makes ``Rescaling([0, 1] -> [-1, 1]) -> ResNet (BatchNorm) -> global average
-pooling -> [Dropout] -> Dense(1)``; the output is a logit. ``resize_patches`` and
+pooling -> [Dropout] -> Dense(1)``, or with ``model.backbone="efficientnet_lite0"``
+``Rescaling([0, 1] -> (255 x - 127) / 128) -> EfficientNet-Lite0 (optionally from ImageNet
+weights) -> ...`` the same head; the output is a logit. ``resize_patches`` and
 ``predict_proba`` turn candidate crops (112 px at test time) into probabilities, and
 ``load_init_weights`` initialises a model from a local ``.weights.h5`` file holding either a
 whole Mclass or just its backbone (e.g. converted ImageNet ResNet-34 weights).
@@ -19,6 +21,8 @@ import tensorflow as tf
 
 from focas_keras.errors import InputError
 from focas_keras.models.backbone import build_backbone
+from focas_keras.models.efficientnet_lite0 import build_efficientnet_lite0, input_normalization
+from focas_keras.models.lite0_weights import load_lite0_weights
 from focas_keras.models.mclass_config import MclassConfig
 
 
@@ -26,21 +30,33 @@ def build_mclass(config: MclassConfig) -> keras.Model:
     """Builds the Mclass model under the current global dtype policy.
 
     Args:
-        config: its ``model`` section is used (depth, width, dropout); ``input_size`` is the
-            training size, but the model accepts any spatial size.
+        config: its ``model`` section is used (backbone, depth, width, dropout, pretrained);
+            ``input_size`` is the training size, but the model accepts any spatial size.
 
     Returns:
         A functional `keras.Model` named ``"mclass"`` mapping float32 RGB ``[B, S, S, 3]`` in
         ``[0, 1]`` to float32 logits ``[B, 1]`` (float32 also under mixed precision). Its
         layers: ``image`` (input), ``rescale``, ``backbone`` (the nested
-        :func:`build_backbone` model, ``norm="bn"``, no WS, no CBAM), ``pool``,
-        ``dropout`` (only when ``dropout > 0``) and ``logit``.
+        :func:`build_backbone` model, ``norm="bn"``, no WS, no CBAM; or the
+        :func:`build_efficientnet_lite0` model without top, its ImageNet weights loaded when
+        ``pretrained``), ``pool``, ``dropout`` (only when ``dropout > 0``) and ``logit``.
+
+    Raises:
+        InputError: ``pretrained`` names a missing or unreadable ``.pth``, or is True and the
+            weights package is not installed.
     """
     m = config.model
     inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
-    x = keras.layers.Rescaling(2.0, offset=-1.0, name="rescale")(inputs)
-    features = build_backbone(m.depth, norm="bn", ws=False, cbam=False, width=m.width,
-                              name="backbone")(x)
+    if m.backbone == "efficientnet_lite0":
+        x = input_normalization("rescale")(inputs)
+        backbone = build_efficientnet_lite0(name="backbone")
+        if m.pretrained:
+            load_lite0_weights(backbone, None if m.pretrained is True else m.pretrained)
+        features = backbone(x)
+    else:
+        x = keras.layers.Rescaling(2.0, offset=-1.0, name="rescale")(inputs)
+        features = build_backbone(m.depth, norm="bn", ws=False, cbam=False, width=m.width,
+                                  name="backbone")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(features["C5"])
     if m.dropout > 0:
         x = keras.layers.Dropout(m.dropout, name="dropout")(x)

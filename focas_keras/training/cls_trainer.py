@@ -158,7 +158,7 @@ def _describe(metrics: dict) -> str:
 
 
 def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, devices=None,
-              log=print) -> dict:
+              log=print, extra_data=()) -> dict:
     """Trains Mclass on prepared cls shards (or resumes the interrupted run in ``run_dir``).
 
     Args:
@@ -169,6 +169,10 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
             ResNet-34 converted by the user); nothing is downloaded.
         devices: devices for MirroredStrategy (None: automatic).
         log: where progress lines go.
+        extra_data: further cls shard directories (e.g. ``prepare --format amibr``: other
+            scanners' mitoses and same-crop negatives) whose training patches join each batch
+            with ``config.train.extra_share`` of each label's draws; their validation splits
+            are not used.
 
     Returns:
         The final metrics dict.
@@ -182,6 +186,16 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
         raise InputError("cls training split needs both mitosis and non-mitosis patches",
                          data_dir)
     has_val, digests = pipeline.verify_for_training(data_dir, manifest, "cls")
+    extra_data = [Path(d) for d in extra_data]
+    if bool(extra_data) != (config.train.extra_share > 0):
+        raise InputError("train.extra_share > 0 goes with extra shard directories "
+                         "(--extra-data), and only with them")
+    extra_digests = []
+    for extra in extra_data:
+        extra_manifest = pipeline.load_manifest(extra)
+        if not extra_manifest["splits"].get("train", {}).get("cls", {}).get("positive"):
+            raise InputError("extra shards have no training mitosis patches", extra)
+        extra_digests.append(pipeline.verify_for_training(extra, extra_manifest, "cls")[1])
     if init_weights is not None and not Path(init_weights).is_file():
         raise InputError("initial weights file not found", init_weights)
     t = config.train
@@ -204,7 +218,8 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
         return to_input_size(pipeline.cls_dataset(
             data_dir, "train", batch_size=t.batch_size, augment=augment,
             positive_share=t.positive_share, seed=t.seed * 100003 + epoch, deterministic=True,
-            drop_remainder=True, verify=False).take(steps), size)
+            drop_remainder=True, verify=False, extra_dirs=extra_data,
+            extra_share=t.extra_share).take(steps), size)
 
     candidates = mined_val_candidates(data_dir, manifest) if has_val else None
     validators = [lambda model: validate(model, data_dir, 256, size)] if has_val else []
@@ -226,6 +241,8 @@ def train_cls(data_dir, run_dir, config: MclassConfig, init_weights=None, device
         identity={"kind": "mclass", "config": config.to_dict(), "data": str(data_dir.resolve()),
                   "data_shards": digests,
                   "init_weights": None if init_weights is None else str(init_weights),
+                  **({"extra_data": [str(d.resolve()) for d in extra_data],
+                      "extra_shards": extra_digests} if extra_data else {}),
                   **pipeline.data_mpp_identity(manifest)},
         config_json=config.to_json(), train=t, steps_per_epoch=steps, build_model=build,
         losses=losses, train_dataset=train_dataset,

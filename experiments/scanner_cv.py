@@ -1,0 +1,168 @@
+"""Leave-one-scanner-out on AMi-Br: Mclass trained with other scanners' mitoses, tested on one.
+
+Stage 1 is the bundled Mdet (trained on ICPR 2012 alone) in every fold, so the folds measure
+what Mclass learns from other scanners. Per held-out scanner S (cached, resumable):
+
+    prepare ICPR 2012 (all 15 fields) --patch-size 112, then mine --keep-tp with the bundled
+        Mdet                                                   (once: ICPR candidates)
+    prepare --format amibr --patch-size 112 --val-scanners S   (AMi-Br: S's crops held out;
+        positives around each figure, --cls-background same-crop negatives per crop)
+    train-cls --data ICPR --extra-data AMIBR_S --set train.extra_share=E  (the recipe)
+    the cascade (bundled Mdet + this Mclass) on S's crops (experiments/amibr_eval.py):
+        recall, candidate recall, false positives per crop
+
+``--extra-share 0`` trains the same Mclass recipe on ICPR alone (one run serves every fold:
+it never saw any AMi-Br scanner), the control for what the AMi-Br crops add.
+
+Thresholds: the stage-1 threshold is the bundled card's; the stage-2 threshold is
+``--cls-threshold`` (default 0.5), or the pooled out-of-fold pair of an ICPR CV of the same
+recipe (``--thresholds-from CV_RESULTS/summary.json``), never chosen on the held-out scanner.
+
+Usage:
+    python experiments/scanner_cv.py --out experiments/results/scanner_cv_lite0 \\
+        --preset lite0 --extra-share 0.3 --per-scanner 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments"))
+
+import amibr_eval  # noqa: E402
+
+ICPR = REPO.parent / "shared" / "data" / "icpr2012" / "images"
+AMIBR = REPO.parent / "shared" / "data" / "ami_br"
+PATCH = 112
+
+
+def _cli(args, log_path: Path) -> str:
+    """Runs ``focas-keras ARGS`` (this checkout first on the path); appends to the log."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    cmd = [sys.executable, "-m", "focas_keras", *map(str, args)]
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        log.write(proc.stdout)
+    if proc.returncode:
+        raise SystemExit(f"step failed ({proc.returncode}): {' '.join(cmd)}; see {log_path}")
+    return proc.stdout
+
+
+def cls_threshold_of(args) -> float:
+    """The stage-2 threshold: ``--thresholds-from`` (an ICPR CV summary's pooled pair) or
+    ``--cls-threshold``."""
+    if args.thresholds_from is None:
+        return args.cls_threshold
+    summary = json.loads(Path(args.thresholds_from).read_text())
+    pair = summary.get("pooled_pair") or summary.get("oof_pair")
+    if not pair:
+        raise SystemExit(f"{args.thresholds_from} holds no pooled pair")
+    return float(pair["cls_threshold"] if isinstance(pair, dict) else pair[1])
+
+
+def train_steps(args, work: Path, log: Path, fold: str | None) -> Path:
+    """Prepares the shards a fold needs and trains its Mclass; returns the run directory."""
+    from focas_keras import pretrained
+
+    icpr = work / "icpr_cls"
+    if not (icpr / "mined.txt").exists():
+        with pretrained.runs() as (det_run, _, _):
+            _cli(["prepare", args.icpr, "--format", "icpr2012", "--out", icpr, "--patch-size",
+                  PATCH, "--det-per-mitosis", 0, "--det-empty-share", 0, "--val-fraction", 0,
+                  "--seed", args.seed, "--overwrite"], log)
+            out = _cli(["mine", "--det", det_run, "--data", args.icpr, "--format", "icpr2012",
+                        "--out", icpr, "--keep-tp"], log)
+        (icpr / "mined.txt").write_text(out)
+    sets = [f"train.stain_sigma={args.stain_sigma}", *args.cls_set]
+    extra = []
+    if args.extra_share > 0:
+        amibr = work / f"amibr_{amibr_eval.slug(fold)}"
+        if not (amibr / "manifest.json").exists():
+            _cli(["prepare", args.amibr, "--format", "amibr", "--out", amibr, "--patch-size",
+                  PATCH, "--cls-per-mitosis", args.per_figure, "--cls-background",
+                  args.background, "--val-scanners", fold, "--seed", args.seed,
+                  "--overwrite"], log)
+        extra = ["--extra-data", amibr]
+        sets.append(f"train.extra_share={args.extra_share}")
+        run = work / f"mclass_{amibr_eval.slug(fold)}"
+    else:
+        run = work / "mclass_icpr_only"
+    if not (run / "model.keras").exists():
+        epochs = ["--epochs", args.epochs] if args.epochs else []
+        steps = ["--steps-per-epoch", args.steps] if args.steps else []
+        _cli(["train-cls", "--data", icpr, "--out", run, "--preset", args.preset, "--seed",
+              args.seed, *extra, *epochs, *steps,
+              *[a for s in sets for a in ("--set", s)]], log)
+    return run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="Results (cached per fold).")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/focas_scanner_cv"))
+    parser.add_argument("--icpr", type=Path, default=ICPR)
+    parser.add_argument("--amibr", type=Path, default=AMIBR)
+    parser.add_argument("--preset", default="lite0")
+    parser.add_argument("--extra-share", type=float, default=0.3)
+    parser.add_argument("--stain-sigma", type=float, default=0.05)
+    parser.add_argument("--per-figure", type=int, default=4,
+                        help="Positive patches per AMi-Br figure.")
+    parser.add_argument("--background", type=int, default=2,
+                        help="Same-crop negative patches per AMi-Br crop.")
+    parser.add_argument("--cls-set", action="append", default=[], metavar="SECTION.FIELD=V")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="Steps per epoch.")
+    parser.add_argument("--cls-threshold", type=float, default=0.5)
+    parser.add_argument("--thresholds-from", type=Path, default=None)
+    parser.add_argument("--per-scanner", type=int, default=200)
+    parser.add_argument("--scanners", nargs="+", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from data_tools.readers.amibr import read_amibr
+    from focas_keras import pretrained
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    scanners = args.scanners or sorted(set(read_amibr(args.amibr,
+                                                      check_images=False).images.scanner))
+    card = pretrained.load_card()
+    thresholds = (float(card["thresholds"]["det_threshold"]), cls_threshold_of(args))
+    results = {}
+    for scanner in scanners:
+        fold_out = args.out / amibr_eval.slug(scanner)
+        done = fold_out / "summary.json"
+        if not done.exists():
+            started = time.perf_counter()
+            log = args.out / f"{amibr_eval.slug(scanner)}.log"
+            run = train_steps(args, args.work, log, scanner)
+            with pretrained.runs() as (det_run, _, _):
+                cascade, name = amibr_eval.load_base_cascade(det_run, run, thresholds,
+                                                             tta=card["thresholds"].get("tta"))
+            summary = amibr_eval.run(args.amibr, fold_out, cascade, name, args.per_scanner,
+                                     [scanner], log=print)
+            summary["fold_seconds"] = round(time.perf_counter() - started, 1)
+            summary["recipe"] = {k: (str(v) if isinstance(v, Path) else v)
+                                 for k, v in vars(args).items()}
+            (fold_out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        results[scanner] = json.loads(done.read_text())["scanners"].get(scanner)
+        print(f"{scanner}: {results[scanner]}", flush=True)
+    (args.out / "summary.json").write_text(json.dumps(
+        {"thresholds": thresholds, "held_out": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

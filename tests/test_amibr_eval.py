@@ -1,0 +1,125 @@
+"""experiments/amibr_eval.py: the per-crop metric, the summary, the sample and the cache
+(hand-made inputs, no model)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from focas_keras.errors import InputError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_readers_amibr import CS2, TUPAC, XR, write_amibr  # noqa: E402
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("_exp_amibr_eval",
+                                                  EXPERIMENTS / "amibr_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ev = _load()
+
+
+def dets(rows):
+    return pd.DataFrame(rows, columns=["x", "y", "accepted"])
+
+
+def test_radius_is_20_px_at_the_stage_pixel_size():
+    assert ev.RADIUS_UM == pytest.approx(4.912)
+    # At 0.23 um/px that is 21.36 crop pixels; at 0.25, 19.65.
+    hit = ev.crop_metrics([(64, 64)], dets([(64 + 21.3, 64, True)]), 0.23)
+    miss = ev.crop_metrics([(64, 64)], dets([(64 + 21.3, 64, True)]), 0.25)
+    assert hit["hit"] and not miss["hit"] and miss["fp"] == 1
+
+
+def test_crop_metrics_hand_made():
+    figures = [(64, 64), (100, 30)]  # central first, a second labelled figure
+    found = dets([
+        (70, 60, True),    # 7.2 px from the centre: a hit
+        (64, 90, False),   # rejected candidate 26 px away: neither
+        (101, 32, True),   # on the second figure: not a false positive
+        (10, 10, True),    # far from both: a false positive
+        (66, 66, False),   # rejected, near the centre: candidate only
+    ])
+    out = ev.crop_metrics(figures, found, 0.2456)
+    assert out["hit"] and out["candidate_hit"]
+    assert out["fp"] == 1 and out["accepted"] == 3 and out["candidates"] == 5
+    assert out["centre_dist_um"] == pytest.approx(math.hypot(6, 4) * 0.2456)
+
+
+def test_candidate_only_and_empty():
+    only = ev.crop_metrics([(64, 64)], dets([(60, 64, False), (120, 120, True)]), 0.25)
+    assert not only["hit"] and only["candidate_hit"] and only["fp"] == 1
+    assert only["centre_dist_um"] == pytest.approx(math.hypot(56, 56) * 0.25)
+    none = ev.crop_metrics([(64, 64)], dets([]), 0.23)
+    assert none == {"hit": False, "candidate_hit": False, "fp": 0, "accepted": 0,
+                    "candidates": 0, "centre_dist_um": none["centre_dist_um"]}
+    assert math.isnan(none["centre_dist_um"])
+    with pytest.raises(ValueError):
+        ev.crop_metrics([], dets([]), 0.23)
+
+
+def test_summarize_per_scanner():
+    crops = pd.DataFrame({
+        "scanner": ["a", "a", "a", "a", "b"],
+        "hit": [True, False, True, False, True],
+        "candidate_hit": [True, True, True, False, True],
+        "fp": [0, 2, 1, 0, 0],
+        "accepted": [1, 2, 2, 0, 1]})
+    out = ev.summarize(crops)
+    assert out["a"] == {"crops": 4, "recall": 0.5, "candidate_recall": 0.75, "fp": 3,
+                        "fp_per_crop": 0.75, "accepted_per_crop": 1.25}
+    assert out["b"]["recall"] == 1.0 and out["b"]["fp_per_crop"] == 0.0
+    assert out["all"]["crops"] == 5 and out["all"]["recall"] == pytest.approx(0.6)
+
+
+def test_sample_every_kth_sorted_by_file():
+    images = pd.DataFrame({
+        "image_path": [f"/p/x_{i:02d}.png" for i in range(10, 0, -1)] + ["/p/y_1.png"],
+        "scanner": ["s"] * 10 + ["t"]})
+    picked = ev.sample(images, 3)
+    assert list(picked.image_path) == ["/p/x_01.png", "/p/x_04.png", "/p/x_07.png",
+                                       "/p/y_1.png"]
+    assert len(ev.sample(images, None)) == 11
+    assert ev.slug(TUPAC) == "Aperio_ScanScope_TUPAC16_TCGA_BRCA"
+
+
+def test_central_first_and_cached_run(tmp_path):
+    root = write_amibr(tmp_path / "amibr")
+    figures = ev.central_first(root)
+    np.testing.assert_array_equal(figures["MIDOG21_1"], [[64, 64], [94, 44]])
+    np.testing.assert_array_equal(figures["MIDOG21_2"], [[64, 64], [34, 84]])
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="no model was given"):
+        ev.run(root, out, cascade=None, scanners=[XR])
+    # A finished chunk in the cache is scored without a model (resume).
+    chunk = pd.DataFrame([
+        {"image": f"MIDOG21_{i}", "scanner": XR, "dataset": "MIDOG21",
+         "slide": "MIDOG21/002.tiff", "mpp": 0.23, "figures": 1, "hit": i == 1,
+         "candidate_hit": True, "fp": int(i == 3), "accepted": 1, "candidates": 2,
+         "centre_dist_um": 1.0} for i in (1, 2, 3)], columns=ev.CROP_COLUMNS)
+    (out / "cache" / "Hamamatsu_XR").mkdir(parents=True, exist_ok=True)
+    chunk.to_csv(out / "cache" / "Hamamatsu_XR" / "part_000.csv", index=False)
+    summary = ev.run(root, out, cascade=None, scanners=[XR])
+    assert summary["scanners"][XR]["crops"] == 3
+    assert summary["scanners"][XR]["recall"] == pytest.approx(1 / 3)
+    assert summary["scanners"][XR]["fp_per_crop"] == pytest.approx(1 / 3)
+    assert json.loads((out / "summary.json").read_text())["scanners"][XR]["fp"] == 1
+    assert len(pd.read_csv(out / "crops.csv")) == 3
+    with pytest.raises(InputError, match="unknown scanner"):
+        ev.run(root, out, cascade=None, scanners=["Nope"])
+    # A cached chunk of other crops (another sample) is not taken for this one.
+    chunk.assign(image=["MIDOG21_1", "MIDOG21_3", "MIDOG21_2"]).to_csv(
+        out / "cache" / "Hamamatsu_XR" / "part_000.csv", index=False)
+    with pytest.raises(InputError, match="no model was given"):
+        ev.run(root, out, cascade=None, scanners=[XR, CS2])
