@@ -14,20 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    import tensorflow as tf
-
-    a = tf.random.uniform([size, size])
-    b = tf.random.uniform([size, size])
-    step = tf.function(lambda: tf.reduce_sum(a @ b))
-    step()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step().numpy()
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_presets import matmul_gflops  # noqa: E402  (the same run's arithmetic rate)
 
 
 def _seconds(step, steps: int) -> float:

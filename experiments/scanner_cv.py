@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(REPO / "experiments"))
 
 import amibr_eval  # noqa: E402
+import icpr2012_cv as base  # noqa: E402  (the CLI runner of the CVs)
 
 ICPR = REPO.parent / "shared" / "data" / "icpr2012" / "images"
 AMIBR = REPO.parent / "shared" / "data" / "ami_br"
@@ -46,18 +45,9 @@ PATCH = 112
 
 
 def _cli(args, log_path: Path) -> str:
-    """Runs ``focas-keras ARGS`` (this checkout first on the path); appends to the log."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    cmd = [sys.executable, "-m", "focas_keras", *map(str, args)]
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-        log.write(proc.stdout)
-    if proc.returncode:
-        raise SystemExit(f"step failed ({proc.returncode}): {' '.join(cmd)}; see {log_path}")
-    return proc.stdout
+    """Runs ``focas-keras ARGS`` as the ICPR CVs do (this checkout, or FOCAS_SRC, first on
+    the path); appends its output to the log."""
+    return base._cli(list(args), log_path, base.cli_env())
 
 
 def cls_threshold_of(args) -> float:

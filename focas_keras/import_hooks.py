@@ -5,7 +5,7 @@ start-up chatter kept off stderr, and every custom layer was registered with Ker
 happen when they are needed, and still without the user doing anything:
 
 - the first ``import tensorflow`` anywhere (ours or the user's) runs with stderr sent to
-  /dev/null (see :func:`focas_keras.tf_import.import_tensorflow`; FOCAS_KERAS_VERBOSE=1 shows
+  /dev/null (:func:`_quiet_exec`; FOCAS_KERAS_VERBOSE=1 shows
   it), and probes the devices once, inside the quiet window;
 - the first ``import keras`` anywhere ends by importing :data:`REGISTERING`, whose classes
   register themselves, so ``import focas_keras, keras; keras.saving.load_model(p,

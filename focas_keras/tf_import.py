@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 
 def import_tensorflow() -> None:
     """Imports TensorFlow with its start-up chatter (CUDA probing, absl) kept off stderr.
 
     TensorFlow's C++ side prints those lines at import whatever TF_CPP_MIN_LOG_LEVEL says, and
-    they would bury our one-line errors. Set FOCAS_KERAS_VERBOSE=1 to see them.
+    they would bury our one-line errors. The quiet import itself is the finder that
+    :func:`focas_keras.import_hooks.install` puts in place at ``import focas_keras`` (it also
+    covers a user's own ``import tensorflow``); this only makes sure it is there and imports.
+    Set FOCAS_KERAS_VERBOSE=1 to see the chatter.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" in sys.modules or os.environ.get("FOCAS_KERAS_VERBOSE"):
-        __import__("tensorflow")
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow
+    from focas_keras import import_hooks
 
-            tensorflow.config.list_physical_devices()  # probes CUDA (and complains) once, here
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    import_hooks.install()
+    __import__("tensorflow")
