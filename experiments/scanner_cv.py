@@ -14,9 +14,10 @@ what Mclass learns from other scanners. Per held-out scanner S (cached, resumabl
 ``--extra-share 0`` trains the same Mclass recipe on ICPR alone (one run serves every fold:
 it never saw any AMi-Br scanner), the control for what the AMi-Br crops add.
 
-Thresholds: the stage-1 threshold is the bundled card's; the stage-2 threshold is
-``--cls-threshold`` (default 0.5), or the pooled out-of-fold pair of an ICPR CV of the same
-recipe (``--thresholds-from CV_RESULTS/summary.json``), never chosen on the held-out scanner.
+Thresholds: the bundled card's stage-1 threshold and TTA with ``--cls-threshold`` (default
+0.5), or the pair (and TTA) a finished ICPR CV of the same recipe gives on its pooled
+out-of-fold predictions (``--thresholds-from CV_RESULTS_DIR``, as ``train_bundled.py``
+chooses them); never chosen on the held-out scanner.
 
 Usage:
     python experiments/scanner_cv.py --out experiments/results/scanner_cv_lite0 \\
@@ -50,16 +51,18 @@ def _cli(args, log_path: Path) -> str:
     return base._cli(list(args), log_path, base.cli_env())
 
 
-def cls_threshold_of(args) -> float:
-    """The stage-2 threshold: ``--thresholds-from`` (an ICPR CV summary's pooled pair) or
+def thresholds_of(args, card: dict) -> tuple[tuple[float, float], bool]:
+    """The (stage-1, stage-2) pair and TTA: ``--thresholds-from`` (a finished ICPR CV of the
+    same recipe: its best pair on the pooled out-of-fold predictions of the final weights, as
+    ``train_bundled.py`` ships it), else the card's stage-1 threshold and TTA with
     ``--cls-threshold``."""
     if args.thresholds_from is None:
-        return args.cls_threshold
-    summary = json.loads(Path(args.thresholds_from).read_text())
-    pair = summary.get("pooled_pair") or summary.get("oof_pair")
-    if not pair:
-        raise SystemExit(f"{args.thresholds_from} holds no pooled pair")
-    return float(pair["cls_threshold"] if isinstance(pair, dict) else pair[1])
+        return ((float(card["thresholds"]["det_threshold"]), args.cls_threshold),
+                bool(card["thresholds"].get("tta")))
+    import train_bundled
+
+    pair = train_bundled.oof_thresholds(Path(args.thresholds_from))
+    return (pair["det_threshold"], pair["cls_threshold"]), pair["tta"]
 
 
 def train_steps(args, work: Path, log: Path, fold: str | None) -> Path:
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="Steps per epoch.")
     parser.add_argument("--cls-threshold", type=float, default=0.5)
-    parser.add_argument("--thresholds-from", type=Path, default=None)
+    parser.add_argument("--thresholds-from", type=Path, default=None,
+                        help="A finished recipe_cv.py results directory (--final-ablation).")
     parser.add_argument("--per-scanner", type=int, default=200)
     parser.add_argument("--scanners", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -128,8 +132,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     scanners = args.scanners or sorted(set(read_amibr(args.amibr,
                                                       check_images=False).images.scanner))
-    card = pretrained.load_card()
-    thresholds = (float(card["thresholds"]["det_threshold"]), cls_threshold_of(args))
+    thresholds, tta = thresholds_of(args, pretrained.load_card())
     results = {}
     for scanner in scanners:
         fold_out = args.out / amibr_eval.slug(scanner)
@@ -139,8 +142,7 @@ def main(argv=None) -> int:
             log = args.out / f"{amibr_eval.slug(scanner)}.log"
             run = train_steps(args, args.work, log, scanner)
             with pretrained.runs() as (det_run, _, _):
-                cascade, name = amibr_eval.load_base_cascade(det_run, run, thresholds,
-                                                             tta=card["thresholds"].get("tta"))
+                cascade, name = amibr_eval.load_base_cascade(det_run, run, thresholds, tta=tta)
             summary = amibr_eval.run(args.amibr, fold_out, cascade, name, args.per_scanner,
                                      [scanner], log=print)
             summary["fold_seconds"] = round(time.perf_counter() - started, 1)
