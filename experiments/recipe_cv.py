@@ -24,6 +24,10 @@ skips finished steps and folds, and the summary is rebuilt from whatever folds e
 ``--final-ablation`` also detects each held-out slide with the runs' final weights (rows
 ``cascade_final*``), which the bundled model uses (``experiments/train_bundled.py``).
 
+``--cls-preset lite0 --amibr ../shared/data/ami_br`` trains Mclass from ImageNet weights with
+the AMi-Br mitoses of four other scanners in every batch (``--extra-share``; the crops are
+prepared once and shared by the folds: none of them overlaps ICPR 2012).
+
 ``--no-val`` trains each fold as the bundled model is trained: the validation slide joins the
 training slides (4 of them), nothing is selected, every detection uses the final weights (the
 ``cascade*`` and ``cascade_final*`` rows are then the same predictions), and there are no
@@ -155,9 +159,18 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
                                        "icpr2012", "--out", cls_shards, "--keep-tp",
                                        *include_val)))
     cls_epochs = ["--epochs", args.cls_epochs] if args.cls_epochs else []
+    extra = []
+    if args.amibr is not None:  # other scanners' mitoses: prepared once, shared by the folds
+        amibr_shards = work / "shards_amibr"
+        step("prepare-amibr", lambda: (amibr_shards / "manifest.json").exists(),
+             lambda: cli("prepare", args.amibr, "--format", "amibr", "--out", amibr_shards,
+                         "--patch-size", 112, "--cls-per-mitosis", 4, "--cls-background", 2,
+                         "--val-fraction", 0, "--seed", seed, "--overwrite"))
+        extra = ["--extra-data", amibr_shards, "--set", f"train.extra_share={args.extra_share}"]
     step("train-cls", lambda: (mclass / "model.keras").exists(),
          lambda: cli("train-cls", "--data", cls_shards, "--out", mclass, "--preset",
-                     args.preset, "--seed", seed, *cls_epochs, *_sets(args.cls_set)))
+                     args.cls_preset or args.preset, "--seed", seed, *cls_epochs, *extra,
+                     *_sets(args.cls_set)))
     outs = {}
     for name, extra in (("plain", []), ("tta", ["--tta"])):
         out = fold_dir / f"detections_{name}"
@@ -187,7 +200,9 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
     result = {
         "test": fold["test"], "val": None if args.no_val else fold["val"],
         "train": fold["train"] + [fold["val"]] if args.no_val else fold["train"],
-        "preset": args.preset, "seed": args.seed,
+        "preset": args.preset, "cls_preset": args.cls_preset or args.preset, "seed": args.seed,
+        "amibr": None if args.amibr is None else {"data": str(args.amibr),
+                                                   "extra_share": args.extra_share},
         "mitoses": total, "candidates": int(len(plain)), "candidates_found": found,
         "candidate_recall": found / total if total else 0.0,
         "border_share": touch, "border_band_area_share": band,
@@ -309,6 +324,9 @@ def summarize(folds: list, args, results: Path) -> dict:
     summary = {
         "preset": args.preset,
         "overrides": {"train-det": list(args.det_set), "train-cls": list(args.cls_set)},
+        "cls_preset": args.cls_preset or args.preset,
+        "amibr": None if args.amibr is None else {"data": str(args.amibr),
+                                                   "extra_share": args.extra_share},
         "candidate_threshold": args.min_det,
         "validation_slide": not args.no_val,
         "recipe": (("whole-field, 4 training slides a fold and no validation slide: prepare "
@@ -456,6 +474,13 @@ def main(argv=None) -> int:
                              "train.scale_jitter=0.2.")
     parser.add_argument("--cls-set", action="append", default=[], metavar="SECTION.FIELD=V",
                         help="Extra train-cls --set override (repeatable).")
+    parser.add_argument("--cls-preset", default=None,
+                        help="train-cls preset when it differs from --preset (e.g. lite0).")
+    parser.add_argument("--amibr", type=Path, default=None,
+                        help="AMi-Br directory: its crops (all scanners) join every fold's "
+                             "Mclass batches (train-cls --extra-data).")
+    parser.add_argument("--extra-share", type=float, default=0.3,
+                        help="train.extra_share with --amibr.")
     parser.add_argument("--no-val", action="store_true",
                         help="Train on the validation slide too (4 training slides a fold); "
                              "final weights only, thresholds from the other folds' OOF "
