@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_presets import matmul_gflops  # noqa: E402  (the same run's arithmetic rate)
+from bench_presets import matmul_gflops, mclass_train_step  # noqa: E402
 
 
 def _seconds(step, steps: int) -> float:
@@ -48,15 +48,7 @@ def mclass_seconds(name: str, size: int, batch: int, steps: int) -> dict:
     def forward():
         return tf.reduce_sum(model(images, training=False))
 
-    @tf.function
-    def train_step():
-        with tf.GradientTape() as tape:
-            logits = tf.cast(model(images, training=True)[:, 0], tf.float32)
-            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logits))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
+    train_step = mclass_train_step(model, optimizer, images, labels)
     return {"forward_s": _seconds(forward, steps), "train_step_s": _seconds(train_step, steps),
             "params": model.count_params()}
 
