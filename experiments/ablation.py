@@ -124,7 +124,7 @@ def shifted_stain_patch():
 
     import numpy as np
 
-    from data_tools import synth
+    from focas_keras.datasets import synth
 
     original = synth._stain
 
@@ -153,9 +153,9 @@ def shifted_stain_patch():
 def build_benchmark(work: Path, images: int = 12, test_images: int = 16, size: int = 1024,
                     seed: int = 0) -> dict:
     """Synthesises the fixed benchmark and its shards (skipped where already there)."""
-    from data_tools.prepare import PrepareConfig, prepare
-    from data_tools.readers import read_dataset
-    from data_tools.synth import write_dataset
+    from focas_keras.datasets.prepare import PrepareConfig, prepare
+    from focas_keras.datasets.readers import read_dataset
+    from focas_keras.datasets.synth import write_dataset
 
     paths = {"train": work / "synth", "test": work / "synth_test",
              "test_shifted": work / "synth_test_shifted", "shards": work / "shards"}
@@ -184,10 +184,10 @@ def eval_stage1(det_run: Path, test_dir: Path) -> dict:
 
     from focas_keras.evaluation.calibrate import merged as merged_rows
     from focas_keras.evaluation import evaluate as ev
-    from focas_keras.models.mdet import detect_image, load_mdet_run
+    from focas_keras.models.mdet import detect_image
+    from focas_keras import runs
 
-    model, config = load_mdet_run(det_run, "best" if (det_run / "best.keras").exists()
-                                  else "model")
+    model, config = runs.load_mdet_run(det_run, runs.pick_checkpoint(det_run, "best"))
     truth = ev.read_truth(test_dir, "synth")
     per_image, t0 = {}, time.perf_counter()
     for image_id in truth.points:
@@ -196,7 +196,7 @@ def eval_stage1(det_run: Path, test_dir: Path) -> dict:
         per_image[image_id] = detect_image(model, image, config)
     seconds = time.perf_counter() - t0
     preds = stage1_frame(per_image)
-    best = json.loads((det_run / "best.json").read_text())["metrics"]
+    best = runs.read_json(det_run / runs.BEST_FILE)["metrics"]
     threshold = float(best["val_best_threshold"])
     keep = ("tp", "fp", "fn", "precision", "recall", "f1")
     at_min = ev.evaluate(truth, preds, 20.0, score="det", accepted_only=False,
@@ -226,6 +226,7 @@ def run_variant(name: str, paths: dict, run_root: Path, epochs: int, seed: int,
     import keras
 
     from focas_keras.data.augment import AugmentConfig
+    from focas_keras import runs
     from focas_keras.models.mdet_config import preset
     from focas_keras.training import det_trainer
 
@@ -236,8 +237,7 @@ def run_variant(name: str, paths: dict, run_root: Path, epochs: int, seed: int,
     t0 = time.perf_counter()
     det_trainer.train_det(Path(paths["shards"]), run_dir, config, log=lambda line: None)
     train_seconds = time.perf_counter() - t0
-    model, _ = __import__("focas_keras.models.mdet", fromlist=["load_mdet_run"]).load_mdet_run(
-        run_dir, "model")
+    model, _ = runs.load_mdet_run(run_dir, "model")
     result = {"variant": name, "run": run_name or name,
               "overrides": variant_overrides(name, epochs, seed),
               "params": int(model.count_params()), "train_seconds": round(train_seconds, 1),
@@ -252,7 +252,7 @@ def run_cascade(paths: dict, run_root: Path, det_name: str, depth: int, cls_epoc
                 seed: int) -> dict:
     """Mines the Mdet run's false positives (on a copy of the shards), trains Mclass of
     ``depth`` (tiny width), runs the cascade on the held-out fields and scores it."""
-    from data_tools.mine import mine_hard_negatives
+    from focas_keras.training.mine import mine_hard_negatives
     from focas_keras.evaluation import evaluate as ev
     from focas_keras.inference.cascade import Cascade, CascadeSettings, list_inputs
     from focas_keras.inference.outputs import detect_to_dir

@@ -3,7 +3,7 @@
 Each crop (128 px, one mitosis at its centre, at its scanner's pixel size) goes through the
 library's detect path (:func:`focas_keras.inference.outputs.detect_to_dir`, which resizes it
 to each stage's pixel size) and is scored against its labelled figures: the centred one and
-every other figure of ``labels.csv`` inside the crop (:mod:`data_tools.readers.amibr`).
+every other figure of ``labels.csv`` inside the crop (:mod:`focas_keras.datasets.readers.amibr`).
 
 Per scanner:
 
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from data_tools.annotations import ICPR2012_MPP  # noqa: E402
+from focas_keras.datasets.annotations import ICPR2012_MPP  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ami_br"
 #: Match radius, um: 20 px at the ICPR 2012 / stage pixel size.
@@ -197,8 +197,8 @@ def detect_chunk(cascade_for, rows: pd.DataFrame, figures: dict, work: Path) -> 
 
 def central_first(data) -> dict:
     """``{image_id: (G, 2)}`` each crop's labelled figures in crop pixels, its central figure
-    first (:func:`data_tools.readers.amibr.crop_figures`; crops taken as 128 px)."""
-    from data_tools.readers.amibr import LABELS_FILE, crop_figures, read_labels
+    first (:func:`focas_keras.datasets.readers.amibr.crop_figures`; crops taken as 128 px)."""
+    from focas_keras.datasets.readers.amibr import LABELS_FILE, crop_figures, read_labels
 
     figures = crop_figures(read_labels(Path(data) / LABELS_FILE))
     return {Path(name).stem: np.array([(x, y) for x, y, _ in figs], np.float64)
@@ -227,7 +227,7 @@ def run(data, out, cascade=None, model_name="", per_scanner=None, scanners=None,
     Returns:
         The summary.
     """
-    from data_tools.readers.amibr import read_amibr
+    from focas_keras.datasets.readers.amibr import read_amibr
     from focas_keras.errors import InputError
 
     out = Path(out)

@@ -43,11 +43,11 @@ VARIANTS = ("cascade_whole_fp32", "cascade_half_fp32", "cascade_whole_fp32_befor
 
 
 def _image():
-    from data_tools.annotations import load_image
+    from focas_keras.datasets.annotations import load_image
 
     if HPF.is_file():
         return load_image(HPF), HPF.name
-    from data_tools.synth import synthesize_image
+    from focas_keras.datasets.synth import synthesize_image
 
     return synthesize_image(2084, seed=0).image, "synthetic 2084 px"
 
@@ -55,7 +55,7 @@ def _image():
 def _cascade(variant: str):
     import keras
 
-    from data_tools.annotations import ICPR2012_MPP
+    from focas_keras.datasets.annotations import ICPR2012_MPP
     from focas_keras.inference.cascade import Cascade, CascadeSettings
     from focas_keras.models.mclass import build_mclass
     from focas_keras.models.mclass_config import preset as cls_preset

@@ -25,8 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from data_tools.prepare import PrepareConfig, prepare  # noqa: E402
-from data_tools.readers import read_dataset  # noqa: E402
+from focas_keras.datasets.prepare import PrepareConfig, prepare  # noqa: E402
+from focas_keras.datasets.readers import read_dataset  # noqa: E402
 from focas_keras.data import pipeline  # noqa: E402
 from focas_keras.data.augment import AugmentConfig  # noqa: E402
 
@@ -39,7 +39,7 @@ def make_shards(workdir: Path) -> tuple[Path, str]:
     if ICPR.is_dir():
         aset, source = read_dataset("icpr2012", ICPR), "ICPR 2012 (15 real HPFs)"
     else:
-        from data_tools.synth import write_dataset
+        from focas_keras.datasets.synth import write_dataset
 
         write_dataset(workdir / "synth", images=8, size=1024, seed=0)
         aset, source = read_dataset("synth", workdir / "synth"), "synthetic (8 x 1024 px)"

@@ -128,10 +128,10 @@ def load_hpf():
 
     path = Path(__file__).resolve().parents[2] / "shared/data/icpr2012/images/A03_00.jpg"
     if path.is_file():
-        from data_tools.annotations import load_image
+        from focas_keras.datasets.annotations import load_image
 
         return load_image(path), path.name
-    from data_tools.synth import synthesize_image
+    from focas_keras.datasets.synth import synthesize_image
 
     return synthesize_image(2084, seed=0).image, "synthetic 2084 px"
 

@@ -56,17 +56,17 @@ def fields(count: int) -> list[np.ndarray]:
     """``count`` 2084 px fields: the shared real HPFs in name order, else synthetic ones."""
     files = sorted(SHARED.glob("*.jpg")) if SHARED.is_dir() else []
     if files:
-        from data_tools.annotations import load_image
+        from focas_keras.datasets.annotations import load_image
 
         return [load_image(files[i % len(files)]) for i in range(count)]
-    from data_tools.synth import synthesize_image
+    from focas_keras.datasets.synth import synthesize_image
 
     return [synthesize_image(FIELD, seed=i).image for i in range(count)]
 
 
 def build(directory: Path, rows: int, cols: int) -> tuple[Path, list[Path], float]:
     """A slide of rows x cols fields plus white, and the same fields as PNG files."""
-    from data_tools.slides import synthetic_slide, write_slide
+    from focas_keras.datasets.slides import synthetic_slide, write_slide
 
     images = fields(rows * cols)
     placed = [(r * FIELD, c * FIELD, images[r * cols + c]) for r in range(rows)

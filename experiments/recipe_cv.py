@@ -103,6 +103,16 @@ def border_share(preds, sizes: dict, strip: int = BORDER_PX) -> tuple:
 # ----------------------------------------------------------------------------- running
 
 
+def amibr_prepare_args(amibr, out, seed) -> list:
+    """``prepare`` of the AMi-Br crops for Mclass (all scanners, no validation split): 4
+    positive patches per figure and 2 same-crop negatives per crop, 112 px at the crops' own
+    pixel size resized to Mclass's."""
+    return ["prepare", amibr, "--format", "amibr", "--out", out, "--patch-size", 112,
+            "--cls-per-mitosis", 4, "--cls-background", 2, "--val-fraction", 0, "--seed", seed,
+            "--overwrite"]
+
+
+
 def run_fold(fold, args, work: Path, results: Path) -> dict:
     """Runs (or resumes) one fold's training and held-out detection; caches the result."""
     from focas_keras.evaluation import evaluate as ev
@@ -163,9 +173,7 @@ def run_fold(fold, args, work: Path, results: Path) -> dict:
     if args.amibr is not None:  # other scanners' mitoses: prepared once, shared by the folds
         amibr_shards = work / "shards_amibr"
         step("prepare-amibr", lambda: (amibr_shards / "manifest.json").exists(),
-             lambda: cli("prepare", args.amibr, "--format", "amibr", "--out", amibr_shards,
-                         "--patch-size", 112, "--cls-per-mitosis", 4, "--cls-background", 2,
-                         "--val-fraction", 0, "--seed", seed, "--overwrite"))
+             lambda: cli(*amibr_prepare_args(args.amibr, amibr_shards, seed)))
         extra = ["--extra-data", amibr_shards, "--set", f"train.extra_share={args.extra_share}"]
     step("train-cls", lambda: (mclass / "model.keras").exists(),
          lambda: cli("train-cls", "--data", cls_shards, "--out", mclass, "--preset",

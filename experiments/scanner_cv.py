@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from data_tools.readers.amibr import read_amibr
+    from focas_keras.datasets.readers.amibr import read_amibr
     from focas_keras import pretrained
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -55,8 +55,47 @@ def recipe_options(summary: dict) -> dict:
     """The CV's extra trainer overrides ({"train-det": [...], "train-cls": [...]}), so that the
     bundled runs are trained exactly as the folds whose predictions chose their thresholds."""
     overrides = summary.get("overrides") or {}
-    return {"train-det": list(overrides.get("train-det", [])),
-            "train-cls": list(overrides.get("train-cls", []))}
+    options = {"train-det": list(overrides.get("train-det", [])),
+               "train-cls": list(overrides.get("train-cls", []))}
+    # Mclass's preset and AMi-Br crops (recipe_cv.py --cls-preset / --amibr), where the CV
+    # used them; absent from older summaries (ResNet-34 on ICPR alone).
+    if summary.get("cls_preset") and summary.get("cls_preset") != summary.get("preset"):
+        options["cls_preset"] = summary["cls_preset"]
+    if summary.get("amibr"):
+        options["amibr"] = dict(summary["amibr"])
+    return options
+
+
+def amibr_block(options: dict) -> dict | None:
+    """The card's second data set where the recipe trained Mclass on AMi-Br crops."""
+    if not options.get("amibr"):
+        return None
+    import pandas as pd
+
+    labels = pd.read_csv(Path(options["amibr"]["data"]) / "labels.csv")
+    return {"name": "AMi-Br (MIDOG 2021 and TUPAC16 mitotic figures, 128 px crops)",
+            "crops": int(len(labels)), "scanners": sorted(labels["scanner"].unique()),
+            "extra_share": options["amibr"]["extra_share"],
+            "licence": "crops MIT (DeepMicroscopy/AMi-Br_Benchmark); the images are research "
+                       "data of MIDOG 2021 and TUPAC16: research use, cite them",
+            "citation": "Bertram CA et al. Histologic Dataset of Normal and Atypical Mitotic "
+                        "Figures on Human Breast Cancer (AMi-Br). BVM 2025, "
+                        "doi 10.1007/978-3-658-47422-5_25; Aubreville M et al. (MIDOG 2021); "
+                        "Veta M et al. (TUPAC16)"}
+
+
+def scanner_block(results: Path | None) -> dict | None:
+    """Held-out-scanner estimates of the recipe from a finished ``scanner_cv.py`` run."""
+    if results is None:
+        return None
+    summary = json.loads((Path(results) / "summary.json").read_text())
+    det, cls = summary["thresholds"]
+    return {"protocol": (f"leave-one-scanner-out on AMi-Br (experiments/scanner_cv.py, "
+                         f"{Path(results).name}): Mclass trained without the scanner's crops, "
+                         f"Mdet of the bundled recipe (ICPR 2012 only), thresholds {det:.4f} / {cls:.4f}; recall "
+                         "on its crops, false positives = accepted detections farther than "
+                         "20 px from every labelled figure, per crop"),
+            "held_out": summary["held_out"]}
 
 
 def train(args, work: Path, log_path: Path, options: dict) -> tuple[Path, Path]:
@@ -88,9 +127,18 @@ def train(args, work: Path, log_path: Path, options: dict) -> tuple[Path, Path]:
         (work / "mined.txt").write_text(cli("mine", "--det", mdet, "--data", data, "--format",
                                             "icpr2012", "--out", cls_shards, "--keep-tp",
                                             *include_val))
+    extra = []
+    if options.get("amibr"):  # the CV's recipe: other scanners' mitoses in Mclass's batches
+        amibr_shards = work / "shards_amibr"
+        if not (amibr_shards / "manifest.json").exists():
+            cli(*recipe_cv.amibr_prepare_args(options["amibr"]["data"], amibr_shards,
+                                              args.seed))
+        extra = ["--extra-data", amibr_shards,
+                 "--set", f"train.extra_share={options['amibr']['extra_share']}"]
     if not (mclass / "model.keras").exists():
-        cli("train-cls", "--data", cls_shards, "--out", mclass, "--preset", args.preset,
-            "--seed", args.seed, *recipe_cv._sets(options["train-cls"]))
+        cli("train-cls", "--data", cls_shards, "--out", mclass, "--preset",
+            options.get("cls_preset") or args.preset, "--seed", args.seed, *extra,
+            *recipe_cv._sets(options["train-cls"]))
     return mdet, mclass
 
 
@@ -99,7 +147,9 @@ def shipped_runs(bundle: Path, work: Path, options: dict) -> tuple:
     seconds and date of its card; refused when the CV was trained with other overrides than
     the shipped weights (its thresholds would belong to another recipe)."""
     card = json.loads((bundle / "card.json").read_text())
-    shipped = recipe_options({"overrides": card.get("overrides") or {}})
+    shipped = recipe_options({"overrides": card.get("overrides") or {},
+                              "cls_preset": (card.get("recipe_options") or {}).get("cls_preset"),
+                              "amibr": (card.get("recipe_options") or {}).get("amibr")})
     if shipped != options:
         raise SystemExit(f"--reuse-shipped: the CV's overrides {options} differ from the "
                          f"shipped model's {shipped}")
@@ -149,6 +199,11 @@ def _command(args, summary: dict, options: dict) -> str:
     """The commands that rebuild this model: its CV, then this script on that CV."""
     extra = [f"--det-set {o}" for o in options["train-det"]]
     extra += [f"--cls-set {o}" for o in options["train-cls"]]
+    if options.get("cls_preset"):
+        extra.append(f"--cls-preset {options['cls_preset']}")
+    if options.get("amibr"):
+        extra.append(f"--amibr ../shared/data/ami_br --extra-share "
+                     f"{options['amibr']['extra_share']:g}")
     if summary.get("candidate_threshold", 0.05) != 0.05:
         extra.append(f"--min-det {summary['candidate_threshold']:g}")
     if summary.get("validation_slide") is False:
@@ -181,6 +236,9 @@ def main(argv=None) -> int:
                              "and time) and only re-derive the thresholds, the CV estimate and "
                              "the reference detections from --results (a CV of the same "
                              "recipe).")
+    parser.add_argument("--scanners-from", type=Path, default=None,
+                        help="A finished scanner_cv.py output directory: its held-out-scanner "
+                             "recall and false positives go into the card.")
     args = parser.parse_args(argv)
     if args.val_slide and args.val_slide not in SLIDES:
         parser.error(f"--val-slide: one of {', '.join(SLIDES)}, not {args.val_slide!r}")
@@ -224,6 +282,7 @@ def main(argv=None) -> int:
         command=_command(args, chosen["cv"], options),
         train_seconds=round(seconds, 1), date=date,
         overrides=options, selection=selection,
+        extra_data=amibr_block(options), scanners=scanner_block(args.scanners_from),
         # the training fields' colour statistics the checks use (the table of other scanners'
         # distances: `python experiments/domain_stats.py --write-card` afterwards)
         domain=domain_stats.card_block(args.data.parent)["block"])

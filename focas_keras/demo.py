@@ -26,7 +26,7 @@ import pandas as pd
 
 def _candidates(cascade, paths) -> pd.DataFrame:
     """Every candidate of a cascade on image files, as a detections table."""
-    from data_tools.annotations import load_image
+    from focas_keras.datasets.annotations import load_image
 
     frames = [cascade.run(load_image(path)).assign(image=path.stem) for path in paths]
     return pd.concat(frames, ignore_index=True)
@@ -124,10 +124,10 @@ def _run_demo(out: Path, final: Path, images, size, test_images, seed, det_epoch
               mimics, echo) -> dict:
     """The demo's steps, building in ``out`` (renamed to ``final`` afterwards); returns
     :func:`run_demo`'s dict plus ``lines``, the summary to print once ``final`` exists."""
-    from data_tools.mine import mine_hard_negatives
-    from data_tools.prepare import PrepareConfig, prepare
-    from data_tools.readers import read_dataset
-    from data_tools.synth import write_dataset
+    from focas_keras.training.mine import mine_hard_negatives
+    from focas_keras.datasets.prepare import PrepareConfig, prepare
+    from focas_keras.datasets.readers import read_dataset
+    from focas_keras.datasets.synth import write_dataset
     from focas_keras.evaluation import evaluate as ev
     from focas_keras.evaluation.calibrate import calibrate_cascade, calibrate_stage1
     from focas_keras.evaluation.calibrate import merged as merged_rows

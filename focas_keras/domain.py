@@ -23,9 +23,7 @@ resizing); no TensorFlow.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -382,13 +380,14 @@ def qc_text(qc: dict | None) -> str:
 
 
 def _run_data_mpp(run_dir) -> float | None:
-    """A training run's ``data_mpp`` (``run.json``) without importing the model code."""
-    path = Path(run_dir) / "run.json"
+    """A training run's ``data_mpp`` (:func:`focas_keras.runs.run_data_mpp`), None where it
+    cannot tell (the loader reports what is wrong with the run)."""
+    from focas_keras.runs import run_data_mpp
+
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("data_mpp")
-    except (OSError, ValueError):
+        return run_data_mpp(run_dir)
+    except InputError:
         return None
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def model_finest_mpp(card: dict | None, det_run=None, cls_run=None) -> float | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_tools.annotations import ICPR2012_MPP
+from focas_keras.datasets.annotations import ICPR2012_MPP
 
 
 def run_sample_demo(out, overwrite: bool = False, echo=print) -> dict:

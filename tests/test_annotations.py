@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools.annotations import (
+from focas_keras.datasets.annotations import (
     GRAYSCALE, ColourCheck, image_format, is_grayscale, load_image, object_from_pixels)
 from focas_keras.errors import InputError
 

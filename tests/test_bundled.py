@@ -62,7 +62,7 @@ def test_reference_detections_on_the_sample_field():
     the same: equal count, positions within 0.5 px, scores within 2e-3 (float32 reductions in
     another thread order can move the last digits; a threshold crossing would change the
     count and fail)."""
-    from data_tools.annotations import load_image
+    from focas_keras.datasets.annotations import load_image
 
     card = pretrained.load_card()
     cascade = pretrained.load_cascade()

@@ -16,12 +16,12 @@ from focas_keras.errors import InputError  # noqa: E402
 from focas_keras.inference import cascade as cascade_module  # noqa: E402
 from focas_keras.inference import tiling as tiling_module  # noqa: E402
 from focas_keras.inference.cascade import (  # noqa: E402
-    RESULT_COLUMNS, Cascade, CascadeSettings, crop_patches, list_inputs, run_cls_threshold,
-    tile_starts)
+    RESULT_COLUMNS, Cascade, CascadeSettings, crop_patches, list_inputs, tile_starts)
 from focas_keras.models.mclass import build_mclass  # noqa: E402
 from focas_keras.models.mclass_config import preset as mclass_preset  # noqa: E402
 from focas_keras.models.mdet import build_mdet  # noqa: E402
 from focas_keras.models.mdet_config import preset as mdet_preset  # noqa: E402
+from focas_keras.runs import run_cls_threshold  # noqa: E402
 
 
 #: A per-area candidate cap that never binds on these small test images.
@@ -41,7 +41,7 @@ class FakeCascade(Cascade):
                          cls_threshold_default)
         self.batches, self.patches = [], []
 
-    def _detect_tiles(self, batch, max_detections, valid_size=None):
+    def detect_images(self, batch, max_detections, valid_size=None):
         self.batches.append(batch.shape)
         found = []
         for tile in batch:
@@ -54,7 +54,7 @@ class FakeCascade(Cascade):
                           np.array(scores, np.float32)))
         return found
 
-    def _classify(self, patches):
+    def classify_patches(self, patches):
         self.patches.append(patches)
         c = patches.shape[1] // 2
         return 1.0 - patches[:, c, c].mean(-1) / 255.0
@@ -211,7 +211,7 @@ def test_stage_pixel_size_precedence():
 
 
 def test_run_data_mpp_is_read_from_run_json(tmp_path):
-    from focas_keras.inference.cascade import run_data_mpp
+    from focas_keras.runs import run_data_mpp
 
     assert run_data_mpp(tmp_path) is None                     # no run.json
     (tmp_path / "run.json").write_text(json.dumps({"kind": "mdet"}))
@@ -387,20 +387,20 @@ def test_per_area_cap_binds_and_is_recorded():
     free = FakeCascade(_uncapped(det_threshold=0.0))
     boxes, scores = free.stage1(image)
     whole = {"tile": 0, "auto_tiled": False, "topk_per_level": 1000, "calls_at_topk": 0}
-    assert len(boxes) == 26 and free.last_stage1_info == {
+    assert len(boxes) == 26 and free.stage1_info == {
         "candidates": 26, "cap": 6_176_703, "cap_bound": False, "calls": 1, "calls_at_cap": 0,
         "call_cap": 6_176_703, "bound": [], **whole}
     capped = FakeCascade(CascadeSettings(det_threshold=0.0, max_candidates_per_mm2=1000.0))
     capped_boxes, capped_scores = capped.stage1(image)
     np.testing.assert_array_equal(capped_boxes, boxes[:7])
     np.testing.assert_array_equal(capped_scores, scores[:7])
-    assert capped.last_stage1_info == {"candidates": 7, "cap": 7, "cap_bound": True,
+    assert capped.stage1_info == {"candidates": 7, "cap": 7, "cap_bound": True,
                                        "calls": 1, "calls_at_cap": 1, "call_cap": 7,
                                        "bound": ["call_nms_max"], **whole}
     tiled = FakeCascade(CascadeSettings(det_threshold=0.0, max_candidates_per_mm2=1000.0,
                                         tile=160, overlap=96))
     tiled_boxes, _ = tiled.stage1(image)
-    info = tiled.last_stage1_info
+    info = tiled.stage1_info
     assert info["cap"] == 7 and info["calls"] == 16 and info["cap_bound"]
     assert 0 < info["calls_at_cap"] <= 16 and len(tiled_boxes) <= 7
     assert info["call_cap"] == 2 and info["tile"] == 160 and "call_nms_max" in info["bound"]
@@ -452,9 +452,9 @@ def test_whole_image_and_one_padded_tile_agree_exactly(tiny_mdet):
     boxes_t, scores_t = tiled.stage1(image)
     common = {"candidates": 121, "cap": 121, "cap_bound": True, "calls": 1, "calls_at_cap": 1,
               "auto_tiled": False, "topk_per_level": 1000, "calls_at_topk": 1}
-    assert whole.last_stage1_info == {**common, "tile": 0, "call_cap": 121,
+    assert whole.stage1_info == {**common, "tile": 0, "call_cap": 121,
                                       "bound": ["per_level_topk", "call_nms_max"]}
-    assert tiled.last_stage1_info == {**common, "tile": 224, "call_cap": 152,
+    assert tiled.stage1_info == {**common, "tile": 224, "call_cap": 152,
                                       "bound": ["per_level_topk", "call_nms_max", "image_cap"]}
     np.testing.assert_array_equal(boxes_t, boxes_w)
     np.testing.assert_array_equal(scores_t, scores_w)
@@ -513,7 +513,7 @@ def test_whole_image_and_512_px_tiles_agree_on_a_real_field(tiny_mdet, icpr_dir)
     equal scores it would choose by that noise. The threshold, the 80th percentile of all
     scores, keeps the candidates below every cap (caps: their own test).
     """
-    from data_tools.annotations import load_image
+    from focas_keras.datasets.annotations import load_image
     from focas_keras.inference.tiling import ownership as _ownership
 
     model, config = tiny_mdet
@@ -529,7 +529,7 @@ def test_whole_image_and_512_px_tiles_agree_on_a_real_field(tiny_mdet, icpr_dir)
     whole, tiled = cascade(det_threshold=threshold), cascade(det_threshold=threshold, tile=512)
     boxes_w, scores_w = whole.stage1(image)
     boxes_t, scores_t = tiled.stage1(image)
-    assert tiled.last_stage1_info["calls"] == 9 and not tiled.last_stage1_info["cap_bound"]
+    assert tiled.stage1_info["calls"] == 9 and not tiled.stage1_info["cap_bound"]
     assert whole.det_scale == 0.5 and whole.model_image(image, "det")[0].shape == (1042, 1042, 3)
 
     # Both sets in Mdet's pixels (input pixels x 0.5).
@@ -565,7 +565,7 @@ def test_tta_setting_scores_crops_with_predict_proba_tta():
 
     def classify(tta):
         return Cascade(None, mdet_preset("tiny"), model, cls_config,
-                       CascadeSettings(tta=tta, cls_batch=3))._classify(patches)
+                       CascadeSettings(tta=tta, cls_batch=3)).classify_patches(patches)
 
     np.testing.assert_allclose(classify(True), predict_proba_tta(model, patches, size, 3),
                                atol=1e-6)

@@ -128,7 +128,7 @@ def _fake_mine(monkeypatch):
         seen.append(kwargs)
         return {"false_positives": 3, "true_positives": 0, "images": 2}
 
-    monkeypatch.setattr("data_tools.mine.mine_hard_negatives", fake)
+    monkeypatch.setattr("focas_keras.training.mine.mine_hard_negatives", fake)
     return seen
 
 
@@ -189,7 +189,7 @@ def test_a_run_of_the_wrong_kind_names_itself(tmp_path):
     import cv2
     import numpy as np
 
-    from focas_keras.run_kind import run_kind
+    from focas_keras.runs import run_kind
 
     det, cls_, old_cls, shards = _fake_runs(tmp_path)
     assert [run_kind(p) for p in (det, cls_, old_cls, shards, tmp_path)] == [

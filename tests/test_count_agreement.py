@@ -38,7 +38,7 @@ ACCEPTED_TOLERANCE = 2
 
 @pytest.fixture(scope="module")
 def mosaic(icpr_dir):
-    from data_tools.annotations import load_image
+    from focas_keras.datasets.annotations import load_image
 
     crops = [load_image(icpr_dir / "images" / f"{name}.jpg")[CROP, CROP] for name in FIELDS]
     return np.concatenate([np.concatenate(crops[:2], 1), np.concatenate(crops[2:], 1)], 0)
@@ -57,12 +57,12 @@ def cascade():
 def _run(cascade, image, tile):
     cascade.settings = dataclasses.replace(cascade.settings, tile=tile)
     table = cascade.run(image)
-    return table, dict(cascade.last_stage1_info)
+    return table, dict(cascade.stage1_info)
 
 
 @pytest.fixture(scope="module")
 def runs(cascade, mosaic):
-    """``{tile: (table, last_stage1_info)}`` for the whole mosaic (0) and 512 px tiles."""
+    """``{tile: (table, stage1_info)}`` for the whole mosaic (0) and 512 px tiles."""
     return {tile: _run(cascade, mosaic, tile) for tile in (0, 512)}
 
 
@@ -83,7 +83,7 @@ def test_whole_image_and_tiles_agree_on_a_mosaic_of_real_fields(runs):
 
 def test_a_fixed_top_k_is_reported_as_the_binding_cap(cascade, mosaic, runs, monkeypatch):
     """With the old fixed per-level top-k, whole-image mode's finest level is full of boxes
-    over the threshold: ``last_stage1_info`` (``detect.json``'s ``stage1_cap``) names the
+    over the threshold: ``stage1_info`` (``detect.json``'s ``stage1_cap``) names the
     per-level top-k as the cap that may have cut candidates, and it finds no more than the
     scaled top-k does."""
     monkeypatch.setattr(cascade_module, "level_topk", lambda height, width, k: int(k))

@@ -77,7 +77,7 @@ def test_interrupted_demo_leaves_the_old_directory_untouched(tmp_path, monkeypat
         started.append(sorted(p.name for p in tmp_path.iterdir()))
         raise error
 
-    monkeypatch.setattr("data_tools.prepare.prepare", failing_prepare)
+    monkeypatch.setattr("focas_keras.datasets.prepare.prepare", failing_prepare)
     with pytest.raises(type(error)):
         run_demo(out, images=2, size=256, test_images=2, overwrite=True, echo=lambda line: None)
     assert len(started[0]) == 2  # the demo was being built beside it...

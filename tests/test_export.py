@@ -277,7 +277,7 @@ def test_tfsm_layer_serves_the_cascade_and_mclass(exported, cascade_layer):
     got = layer(tf.constant(patches))["probabilities"].numpy()
     # The served graph fuses Mclass differently from eager Keras: on some machines the last
     # digits differ by ~3e-5, so this uses the export's own self-check tolerance.
-    np.testing.assert_allclose(got, exported["cascade"]._classify(patches),
+    np.testing.assert_allclose(got, exported["cascade"].classify_patches(patches),
                                atol=compare.SCORE_TOLERANCE)
     assert layer(tf.zeros([0, 112, 112, 3], tf.uint8))["probabilities"].shape == (0,)
 
@@ -528,7 +528,7 @@ def test_in_graph_stage1_keeps_the_per_area_caps_of_the_python_cascade(shape):
     stage1 = graph.TiledStage1(det, det_config, settings)
     assert stage1.tile_cap == 5 == cascade.candidate_cap(TILE, TILE)
     boxes, scores = cascade.stage1(sample)
-    info = cascade.last_stage1_info
+    info = cascade.stage1_info
     assert info["cap"] == {(150, 130): 24, (50, 40): 3}[shape] and info["cap_bound"]
     assert len(boxes) == info["candidates"] == info["cap"]
     got_boxes, got_scores = stage1.function(tf.constant(sample))
@@ -576,7 +576,7 @@ def bundled_export(icpr_dir, tmp_path_factory):
     """The bundled cascade as ``export`` builds it (the card's thresholds and TTA, 512 px
     tiles), exported with the first real field as the self-check sample, and the reloaded
     cascade SavedModel."""
-    from data_tools.annotations import load_image
+    from focas_keras.datasets.annotations import load_image
     from focas_keras import pretrained
 
     fields = {name: load_image(icpr_dir / "images" / f"{name}.jpg") for name in REAL_FIELDS}

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools.prepare import PrepareConfig, prepare
-from data_tools.readers import read_dataset
+from focas_keras.datasets.prepare import PrepareConfig, prepare
+from focas_keras.datasets.readers import read_dataset
 from focas_keras.data import pipeline
 from focas_keras.errors import InputError
 from focas_keras.models.mclass_config import preset

@@ -360,7 +360,7 @@ def test_lock_from_another_host_is_refused_and_released_after_an_error(tmp_path)
 def test_interrupted_slide_says_what_it_kept(tmp_path, fake_slide_models, monkeypatch):
     path = _slide(tmp_path, _tissue_image(), name="s")
     out = tmp_path / "out"
-    original, calls = slide_run._tile_record, []
+    original, calls = slide_run.run_tile, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -368,7 +368,7 @@ def test_interrupted_slide_says_what_it_kept(tmp_path, fake_slide_models, monkey
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(slide_run, "_tile_record", interrupted)
+    monkeypatch.setattr(slide_run, "run_tile", interrupted)
     args = ["slide", str(path), "--out", str(out), "--tile", str(TILE), "--overlap", "32",
             "--no-tissue-mask"]
     result = CliRunner().invoke(main, args)
@@ -379,7 +379,7 @@ def test_interrupted_slide_says_what_it_kept(tmp_path, fake_slide_models, monkey
     assert "no partial output" not in result.stderr
     assert len(journal.read_text().splitlines()) == 1 + 2  # header and two tiles
     assert not (out / lock_mod.LOCK_FILE).exists()
-    monkeypatch.setattr(slide_run, "_tile_record", original)
+    monkeypatch.setattr(slide_run, "run_tile", original)
     result = CliRunner().invoke(main, args)  # the rerun resumes
     assert result.exit_code == 0 and (out / "s" / "summary.json").is_file()
 

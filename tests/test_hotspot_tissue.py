@@ -150,7 +150,7 @@ def test_real_20x_skin_slide_forced_is_flagged_and_not_scored(cmu_slide, tmp_pat
     """A 480 x 480 px region of the real slide (its own pixels, 0.499 um/px; one 512 px Mdet
     tile) through the CLI with --allow-coarser and a window that fits its tissue: flagged, and
     no score although the window fits; the stain check puts it outside the bundled card."""
-    from data_tools.slides import write_slide
+    from focas_keras.datasets.slides import write_slide
 
     with SlideReader.open(cmu_slide) as reader:
         region = reader.read(1000, 1300, 480, 480, 0)

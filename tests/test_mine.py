@@ -11,11 +11,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from conftest import write_tiny_icpr  # noqa: E402
 
-from data_tools import sampling  # noqa: E402
-from data_tools.annotations import ICPR2012_MPP, load_image  # noqa: E402
-from data_tools.mine import find_false_positives, mine_hard_negatives  # noqa: E402
-from data_tools.prepare import PrepareConfig, prepare  # noqa: E402
-from data_tools.readers import read_dataset  # noqa: E402
+from focas_keras.datasets import sampling  # noqa: E402
+from focas_keras.datasets.annotations import ICPR2012_MPP, load_image  # noqa: E402
+from focas_keras.training.mine import find_false_positives, mine_hard_negatives  # noqa: E402
+from focas_keras.datasets.prepare import PrepareConfig, prepare  # noqa: E402
+from focas_keras.datasets.readers import read_dataset  # noqa: E402
 from focas_keras.data import pipeline, records  # noqa: E402
 from focas_keras.errors import InputError  # noqa: E402
 from focas_keras.io import sha256_file  # noqa: E402

@@ -231,11 +231,11 @@ class _CappedCascade(_FakeCascade):
         from focas_keras.inference.cascade import CascadeSettings
 
         self.settings = CascadeSettings(mpp=0.25, max_candidates_per_mm2=1500.0, tta=True)
-        self.last_stage1_info = None
+        self.stage1_info = None
 
     def run(self, image):
         bound = image.shape[1] > 50
-        self.last_stage1_info = {"candidates": 1, "cap": 1 if bound else 2, "cap_bound": bound,
+        self.stage1_info = {"candidates": 1, "cap": 1 if bound else 2, "cap_bound": bound,
                                  "calls": 1, "calls_at_cap": int(bound)}
         return super().run(image)
 

@@ -17,11 +17,11 @@ class _Fake(Cascade):
         super().__init__(None, det_preset("tiny"), None, cls_preset("tiny"),
                          CascadeSettings(cls_threshold=0.5))
 
-    def _stage1_model(self, image):
+    def detect_resized(self, image):
         return (np.array([[40, 40, 60, 60], [140, 140, 160, 160]], np.float32),
                 np.array([0.9, 0.8], np.float32))
 
-    def _classify(self, patches):
+    def classify_patches(self, patches):
         return (patches.reshape(len(patches), -1).mean(axis=1) < 128).astype(np.float32)
 
 

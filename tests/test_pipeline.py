@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from data_tools.prepare import PrepareConfig, prepare
-from data_tools.readers import read_dataset
+from focas_keras.datasets.prepare import PrepareConfig, prepare
+from focas_keras.datasets.readers import read_dataset
 from focas_keras.data import pipeline, records
 from focas_keras.data.augment import AugmentConfig
 from focas_keras.errors import InputError

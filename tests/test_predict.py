@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from data_tools.annotations import load_image  # noqa: E402
+from focas_keras.datasets.annotations import load_image  # noqa: E402
 from focas_keras.cli import main  # noqa: E402
 from focas_keras.errors import InputError  # noqa: E402
 from focas_keras.export import client as client_module  # noqa: E402

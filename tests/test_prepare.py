@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from data_tools import sampling
-from data_tools.annotations import load_image
-from data_tools.prepare import PrepareConfig, prepare, split_slides
-from data_tools.readers import read_dataset
+from focas_keras.datasets import sampling
+from focas_keras.datasets.annotations import load_image
+from focas_keras.datasets.prepare import PrepareConfig, prepare, split_slides
+from focas_keras.datasets.readers import read_dataset
 from focas_keras.data import pipeline, records
 from focas_keras.errors import InputError
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from data_tools.annotations import ICPR2012_MPP, IMAGE_COLUMNS, load_image
-from data_tools.prepare import PrepareConfig, prepare, split_slides
-from data_tools.readers import FORMATS, read_dataset
-from data_tools.readers.amibr import BOX_UM, read_amibr
+from focas_keras.datasets.annotations import ICPR2012_MPP, IMAGE_COLUMNS, load_image
+from focas_keras.datasets.prepare import PrepareConfig, prepare, split_slides
+from focas_keras.datasets.readers import FORMATS, read_dataset
+from focas_keras.datasets.readers.amibr import BOX_UM, read_amibr
 from focas_keras.data import pipeline, records
 from focas_keras.errors import InputError
 
@@ -237,7 +237,7 @@ def test_cli_prepare_amibr_with_val_scanners(amibr, tmp_path):
 def test_real_labels_counts_per_scanner():
     if not (REAL / "labels.csv").is_file():
         pytest.skip(f"AMi-Br not found at {REAL}")
-    from data_tools.readers.amibr import crop_figures, read_labels
+    from focas_keras.datasets.readers.amibr import crop_figures, read_labels
 
     rows = read_labels(REAL / "labels.csv")
     counts = {}

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from data_tools.annotations import ANNOTATION_COLUMNS, IMAGE_COLUMNS, MITOSIS
-from data_tools.readers import read_dataset
-from data_tools.readers.icpr2012 import parse_icpr_csv, read_icpr2012
+from focas_keras.datasets.annotations import ANNOTATION_COLUMNS, IMAGE_COLUMNS, MITOSIS
+from focas_keras.datasets.readers import read_dataset
+from focas_keras.datasets.readers.icpr2012 import parse_icpr_csv, read_icpr2012
 from focas_keras.errors import InputError
 
 

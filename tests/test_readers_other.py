@@ -6,11 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools.annotations import ANNOTATION_COLUMNS, HARD_NEGATIVE, IMAGE_COLUMNS, MITOSIS
-from data_tools.readers import read_dataset
-from data_tools.readers.coco import read_coco
-from data_tools.readers.csv_table import read_csv_table
-from data_tools.readers.gzmh import gzmh_slide_id, read_gzmh
+from focas_keras.datasets.annotations import ANNOTATION_COLUMNS, HARD_NEGATIVE, IMAGE_COLUMNS, MITOSIS
+from focas_keras.datasets.readers import read_dataset
+from focas_keras.datasets.readers.coco import read_coco
+from focas_keras.datasets.readers.csv_table import read_csv_table
+from focas_keras.datasets.readers.gzmh import gzmh_slide_id, read_gzmh
 from focas_keras.errors import InputError
 
 

@@ -14,11 +14,11 @@ import pytest  # noqa: E402
 from conftest import write_tiny_icpr  # noqa: E402
 from test_mine import FakeDetector, _planned  # noqa: E402
 
-from data_tools import sampling  # noqa: E402
-from data_tools.annotations import load_image  # noqa: E402
-from data_tools.mine import mine_hard_negatives  # noqa: E402
-from data_tools.prepare import PrepareConfig, prepare  # noqa: E402
-from data_tools.readers import read_dataset  # noqa: E402
+from focas_keras.datasets import sampling  # noqa: E402
+from focas_keras.datasets.annotations import load_image  # noqa: E402
+from focas_keras.training.mine import mine_hard_negatives  # noqa: E402
+from focas_keras.datasets.prepare import PrepareConfig, prepare  # noqa: E402
+from focas_keras.datasets.readers import read_dataset  # noqa: E402
 from focas_keras.data import pipeline, records  # noqa: E402
 from focas_keras.evaluation import fields  # noqa: E402
 from focas_keras.evaluation.calibrate import calibrate_cascade  # noqa: E402

@@ -8,7 +8,7 @@ import numpy as np
 import openslide
 import pytest
 
-from data_tools.slides import synthetic_slide, write_slide
+from focas_keras.datasets.slides import synthetic_slide, write_slide
 from focas_keras.errors import InputError
 from focas_keras.slides import reader as reader_mod
 from focas_keras.slides.reader import (

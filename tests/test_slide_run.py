@@ -11,7 +11,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from data_tools.slides import synthetic_slide, write_slide  # noqa: E402
+from focas_keras.datasets.slides import synthetic_slide, write_slide  # noqa: E402
 from focas_keras.cli import main  # noqa: E402
 from focas_keras.errors import InputError  # noqa: E402
 from focas_keras.slides import run as slide_run  # noqa: E402
@@ -266,7 +266,7 @@ def test_slide_of_four_real_fields_matches_detect(icpr_dir, tmp_path):
     field above replaces the mirror padding; at 0.229 it was not accepted.) Measured: 21 of 21
     both ways.
     """
-    from data_tools.annotations import load_image
+    from focas_keras.datasets.annotations import load_image
     from focas_keras import pretrained
 
     names = ["A00_00", "A01_04", "A02_00", "A04_03"]
@@ -283,6 +283,9 @@ def test_slide_of_four_real_fields_matches_detect(icpr_dir, tmp_path):
     assert "Nottingham mitosis score" in result.output
     slide = pd.read_csv(tmp_path / "out" / "mosaic" / "detections.csv")
     cascade = pretrained.load_cascade()
+    from test_engine import check_slide_reference  # outputs as before the engine
+
+    check_slide_reference(tmp_path / "out" / "mosaic", "mosaic", cascade)
     t1, t2 = cascade.det_threshold, cascade.cls_threshold
 
     def robust(df):

@@ -7,11 +7,11 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools import synth
-from data_tools.annotations import HARD_NEGATIVE, MITOSIS
-from data_tools.readers import read_dataset
-from data_tools.readers.icpr2012 import parse_icpr_csv
-from data_tools.synth import NEGATIVE_KINDS, PHASES, synthesize_image, write_dataset
+from focas_keras.datasets import synth
+from focas_keras.datasets.annotations import HARD_NEGATIVE, MITOSIS
+from focas_keras.datasets.readers import read_dataset
+from focas_keras.datasets.readers.icpr2012 import parse_icpr_csv
+from focas_keras.datasets.synth import NEGATIVE_KINDS, PHASES, synthesize_image, write_dataset
 from focas_keras.errors import InputError
 
 SIZE = 512

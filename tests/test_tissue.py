@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools.slides import write_slide
+from focas_keras.datasets.slides import write_slide
 from focas_keras.errors import InputError
 from focas_keras.slides.reader import SlideReader
 from focas_keras.slides.tissue import TissueMap, save_mask_png, tissue_map, tissue_mask

@@ -5,9 +5,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from data_tools.prepare import PrepareConfig, prepare
-from data_tools.readers import read_dataset
-from data_tools.synth import write_dataset
+from focas_keras.datasets.prepare import PrepareConfig, prepare
+from focas_keras.datasets.readers import read_dataset
+from focas_keras.datasets.synth import write_dataset
 from focas_keras.cli import main
 from focas_keras.models.mclass_config import preset
 from focas_keras.training.cls_trainer import roc_auc, threshold_metrics, train_cls

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from data_tools.prepare import PrepareConfig, prepare
-from data_tools.readers import read_dataset
-from data_tools.synth import write_dataset
+from focas_keras.datasets.prepare import PrepareConfig, prepare
+from focas_keras.datasets.readers import read_dataset
+from focas_keras.datasets.synth import write_dataset
 from focas_keras.cli import main
 from focas_keras.data import pipeline
 from focas_keras.evaluation.matching import best_f1_threshold
@@ -174,7 +174,7 @@ def test_both_trainers_record_the_pixel_size_of_rescaled_shards(tmp_path, monkey
     detect, mine and export read; the training itself is stubbed out here."""
     from conftest import write_tiny_icpr
 
-    from focas_keras.inference.cascade import run_data_mpp
+    from focas_keras.runs import run_data_mpp
     from focas_keras.models.mclass_config import preset as cls_preset
     from focas_keras.training import cls_trainer, det_trainer
     from focas_keras.training.run_dir import claim_run_dir

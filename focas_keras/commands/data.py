@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from focas_keras.cli import _import_tensorflow, _slides, main, on_interrupt
+from focas_keras.commands.base import _import_tensorflow, _slides, on_interrupt
 from focas_keras.commands.common import _check_writable
 from focas_keras.errors import InputError
 
 
-@main.command()
+@click.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--images", default=8, show_default=True, help="Number of images.")
 @click.option("--size", default=1024, show_default=True, help="Image side in pixels.")
@@ -23,7 +23,7 @@ from focas_keras.errors import InputError
 def synth(out, images, size, seed, per_slide, mimics, overwrite):
     """Write synthetic H&E fields with mitoses and look-alikes to OUT (ICPR 2012 layout)."""
     on_interrupt(f"nothing was written ({out} is put in place only when complete)")
-    from data_tools.synth import write_dataset
+    from focas_keras.datasets.synth import write_dataset
 
     summary = write_dataset(out, images=images, size=size, seed=seed, per_slide=per_slide,
                             overwrite=overwrite, progress=True, mimics=mimics)
@@ -33,7 +33,7 @@ def synth(out, images, size, seed, per_slide, mimics, overwrite):
                f"{negatives} hard negatives to {out}")
 
 
-@main.command()
+@click.command()
 @click.argument("src", type=click.Path())
 @click.option("--format", "fmt", required=True,
               type=click.Choice(["icpr2012", "gzmh", "coco", "csv", "synth", "amibr"]),
@@ -91,9 +91,9 @@ def prepare(src, fmt, out, mpp, target_mpp, box_size, coco_bbox, tile_size,
     _check_writable(out, into_parent=True)
     on_interrupt(f"nothing was written ({out} is put in place only when complete)")
     _import_tensorflow()
-    from data_tools.prepare import PrepareConfig
-    from data_tools.prepare import prepare as run_prepare
-    from data_tools.readers import read_dataset
+    from focas_keras.datasets.prepare import PrepareConfig
+    from focas_keras.datasets.prepare import prepare as run_prepare
+    from focas_keras.datasets.readers import read_dataset
 
     config = PrepareConfig(
         tile_size=tile_size, det_tiles_per_mitosis=det_per_mitosis,
@@ -131,7 +131,7 @@ def summarize(manifest: dict, out) -> str:
     return "\n".join(lines)
 
 
-@main.command()
+@click.command()
 @click.argument("shards", type=click.Path())
 @click.option("--read", "read_all", is_flag=True,
               help="Also decode every record and compare the counts with the manifest.")
@@ -154,3 +154,7 @@ def inspect(shards, read_all):
                                      f"shards hold {found}", shards)
         click.echo("all records decode; counts match the manifest")
     click.echo(f"{len(manifest['shards'])} shards verified (sha256)")
+
+
+#: The commands this module adds to ``focas-keras`` (:mod:`focas_keras.cli`).
+COMMANDS = [synth, prepare, inspect]

@@ -4,114 +4,13 @@ from __future__ import annotations
 
 import click
 
-from focas_keras.cli import _import_tensorflow, main, on_interrupt
-from focas_keras.commands.common import (_check_writable, _image_files_or_failures,
-                                         _report_failures, _warn)
-from focas_keras.errors import InputError
+from focas_keras.commands.base import _import_tensorflow, on_interrupt
+from focas_keras.commands.common import (_cascade_options, _check_writable, _given_or_none,
+                                         _image_files_or_failures, _report_failures,
+                                         _runs_options, _warn)
 
 
-def _cascade_options(command):
-    """The cascade settings shared by ``detect`` and ``export`` (all but ``--tile``)."""
-    options = [
-        click.option("--overlap", type=int, default=64, show_default=True,
-                     help="Tile overlap (px)."),
-        click.option("--tile-batch", type=int, default=8, show_default=True,
-                     help="Tiles per batch."),
-        click.option("--det-threshold", type=float, default=None,
-                     help="Stage-1 candidate threshold (default: the pair the Mclass run chose "
-                          "on whole validation fields, when it was mined with --include-val; "
-                          "else the highest score that keeps the Mdet run's best validation "
-                          "recall, at least its inference threshold 0.05; or use "
-                          "`focas-keras calibrate`)."),
-        click.option("--cls-threshold", type=float, default=None,
-                     help="Stage-2 acceptance threshold (default: the Mclass run's whole-field "
-                          "pair, as above; else its best-F1 value on patches, at least 0.5)."),
-        click.option("--patch", type=int, default=None,
-                     help="Crop side around each candidate (default: the Mclass run's, 112)."),
-        click.option("--merge-px", type=float, default=30.0, show_default=True,
-                     help="Accepted detections closer than this (px) to a better one are "
-                          "merged."),
-        click.option("--thresholds", "thresholds_file", type=click.Path(dir_okay=False),
-                     default=None,
-                     help="A thresholds file from `calibrate --write` (or the demo): its "
-                          "stage-1 and stage-2 thresholds and merge radius (and TTA, where it "
-                          "records it) replace the defaults, and override the bundled model's; "
-                          "--det-threshold, --cls-threshold and --merge-px given here still "
-                          "win."),
-        click.option("--which", type=click.Choice(["best", "model"]), default="best",
-                     show_default=True, help="Use each run's best or final model."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _runs_options(command):
-    """``--det`` and ``--cls``, both defaulting to the bundled cascade (see
-    :func:`_runs_or_bundled`), for ``detect``, ``export`` and ``slide``."""
-    command = click.option(
-        "--cls", "cls_run", type=click.Path(), default=None,
-        help="A train-cls run (default: the bundled pretrained cascade, with --det).")(command)
-    return click.option(
-        "--det", "det_run", type=click.Path(), default=None,
-        help="A train-det run (default: the bundled pretrained cascade, with --cls).")(command)
-
-
-def _given(ctx, name: str) -> bool:
-    """Whether option ``name`` was set on the command line (or by its environment variable),
-    not left at its default."""
-    from click.core import ParameterSource
-
-    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
-                                              ParameterSource.ENVIRONMENT)
-
-
-def _apply_thresholds_file(ctx, path, values: dict) -> dict | None:
-    """Fills ``values`` (the cascade settings) from a ``--thresholds`` file.
-
-    The file's ``det_threshold``, ``cls_threshold``, ``merge_px`` and (where ``values`` has
-    one) ``tta`` are used where the command line gave none. ``merge_px`` is left None where
-    neither gave one (the bundled model's card, else 30 px, decides).
-
-    Returns:
-        What ``detect.json`` records of the file (None without one).
-    """
-    from focas_keras.evaluation.calibrate import read_thresholds
-    from focas_keras.io import sha256_file
-
-    if not _given(ctx, "merge_px"):
-        values["merge_px"] = None
-    if path is None:
-        return None
-    data = read_thresholds(path)
-    used, kept = {}, []
-    for name in ("det_threshold", "cls_threshold", "merge_px", "tta"):
-        if name not in values or data.get(name) is None:
-            continue
-        if values[name] is not None:
-            kept.append(name)
-        else:
-            values[name] = used[name] = data[name]
-    return {"path": str(path), "sha256": sha256_file(path), "used": used,
-            "command_line_won": kept, "chosen_on": data.get("chosen_on")}
-
-
-def _check_thresholds_runs(record, det_run, cls_run) -> None:
-    """Warns (stderr) when a thresholds file was chosen on candidates of other runs."""
-    from pathlib import Path
-
-    chosen = ((record or {}).get("chosen_on") or {}).get("detect") or {}
-    runs = chosen.get("runs") if isinstance(chosen, dict) else None
-    if not isinstance(runs, dict):
-        return
-    now = {"det": str(Path(det_run).resolve()), "cls": str(Path(cls_run).resolve())}
-    if any(runs.get(k) not in (None, now[k]) for k in now):
-        click.echo(f"focas-keras: warning: {record['path']} was chosen on the candidates of "
-                   f"--det {runs.get('det')} --cls {runs.get('cls')}, not of these runs; "
-                   "its thresholds may not fit them", err=True)
-
-
-@main.command()
+@click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @_runs_options
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -154,34 +53,31 @@ def detect(ctx, inputs, det_run, cls_run, out, mpp, model_mpp, det_mpp, cls_mpp,
     An unreadable image among several is listed in detect.json (failed) and the rest run;
     the exit status is then 1.
     """
-    from pathlib import Path
-
     files, failed = _image_files_or_failures(inputs)
     _check_writable(out, into_parent=True)
     on_interrupt("nothing was written (the output directory is put in place only when "
                  "complete)")
     _import_tensorflow()
+    from focas_keras.inference.loading import load_cascade, model_runs
     from focas_keras.inference.outputs import detect_to_dir
 
-    values = dict(mpp=mpp, model_mpp=model_mpp, det_mpp=det_mpp, cls_mpp=cls_mpp, tile=tile,
-                  overlap=overlap, tile_batch=tile_batch, det_threshold=det_threshold,
-                  cls_threshold=cls_threshold, patch=patch, merge_px=merge_px,
-                  max_candidates_per_mm2=max_candidates_per_mm2, tta=tta)
-    thresholds = _apply_thresholds_file(ctx, thresholds_file, values)
-    with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
-        _check_thresholds_runs(thresholds, det_run, cls_run)
-        qc = _input_qc(card, det_run, cls_run, mpp, allow_coarser)  # before any model loads
-        if card is None:
-            values["tta"] = bool(values["tta"])
-        cascade = _load_cascade(det_run, cls_run, card, values, merge_px, which)
-        extra = {"runs": {"det": str(Path(det_run).resolve()),
-                          "cls": str(Path(cls_run).resolve())},
-                 "thresholds_file": thresholds}
-        if card is not None:
-            extra["bundled_model"] = card["name"]
-        counts = detect_to_dir(cascade, files, out, overlays=not no_overlays, progress=True,
-                               overwrite=overwrite, extra=extra, rejected=not no_rejected,
-                               warn=_warn, qc=qc, failed=failed)
+    source = model_runs(det_run, cls_run)
+    qc = _input_qc(source.card, source.det, source.cls, mpp, allow_coarser)  # before models
+    cascade = load_cascade(
+        det_run, cls_run, thresholds_file, which=which, tta=tta, announce=click.echo,
+        warn=_warn, mpp=mpp, model_mpp=model_mpp, det_mpp=det_mpp, cls_mpp=cls_mpp, tile=tile,
+        overlap=overlap, tile_batch=tile_batch, det_threshold=det_threshold,
+        cls_threshold=cls_threshold, patch=patch,
+        merge_px=_given_or_none(ctx, "merge_px", merge_px),
+        max_candidates_per_mm2=max_candidates_per_mm2)
+    extra = {"runs": {"det": str(cascade.runs.det.resolve()),
+                      "cls": str(cascade.runs.cls.resolve())},
+             "thresholds_file": cascade.thresholds_file}
+    if cascade.card is not None:
+        extra["bundled_model"] = cascade.card["name"]
+    counts = detect_to_dir(cascade, files, out, overlays=not no_overlays, progress=True,
+                           overwrite=overwrite, extra=extra, rejected=not no_rejected,
+                           warn=_warn, qc=qc, failed=failed)
     click.echo(f"{int(counts['accepted'].sum())} mitoses accepted of "
                f"{int(counts['candidates'].sum())} candidates in {len(counts)} images "
                f"(stage 1 >= {cascade.det_threshold:.3f}, stage 2 >= "
@@ -219,41 +115,7 @@ def _input_qc(card, det_run, cls_run, mpp, allow_coarser):
     return qc
 
 
-def _runs_or_bundled(det_run, cls_run):
-    """``with`` (det_run, cls_run, card): the given runs (card None), or the bundled
-    pretrained cascade when neither is given (announced on stdout)."""
-    import contextlib
-
-    from focas_keras import pretrained
-
-    if det_run is None and cls_run is None:
-        card = pretrained.load_card()
-        click.echo(f"using the bundled model {card['name']} (ICPR 2012 scanner A, "
-                   f"cross-validated F1 {card['cv_estimate']['pooled']['f1']:.2f}; "
-                   f"`focas-keras models` shows its card)")
-        return pretrained.runs()
-    if det_run is None or cls_run is None:
-        raise InputError("give both --det and --cls, or neither (the bundled model)")
-    return contextlib.nullcontext((det_run, cls_run, None))
-
-
-def _load_cascade(det_run, cls_run, card, values: dict, merge_px: float, which: str):
-    """The cascade of ``_runs_or_bundled``'s runs: ``values`` (the cascade settings given) as
-    they are for the user's runs, with ``merge_px`` where no thresholds file set one; over the
-    card's settings, and the final weights, for the bundled model."""
-    from focas_keras.inference.cascade import Cascade, CascadeSettings
-
-    if card is None:
-        if values["merge_px"] is None:
-            values = {**values, "merge_px": merge_px}
-        return Cascade.from_runs(det_run, cls_run, CascadeSettings(**values), which=which)
-    from focas_keras import pretrained
-
-    return Cascade.from_runs(det_run, cls_run, pretrained.settings_from_card(card, **values),
-                             which="model")
-
-
-@main.command()
+@click.command()
 def models():
     """List the bundled pretrained models with their cards."""
     from focas_keras import pretrained
@@ -270,7 +132,7 @@ def models():
         click.echo(f"  sample field: {pretrained.sample_field()}")
 
 
-@main.command("export")
+@click.command("export")
 @_runs_options
 @click.option("--out", "base", required=True, type=click.Path(file_okay=False),
               help="BASE directory: BASE/<name>/<version>/ SavedModels and BASE/models.config.")
@@ -322,34 +184,32 @@ def export_cmd(ctx, det_run, cls_run, base, name, det_name, cls_name, version, t
     if det_run is None and cls_run is None and check:
         click.echo(savedmodel.describe_base(base, version=version))
         return
-    from data_tools.annotations import ColourCheck, load_image
+    from focas_keras.datasets.annotations import ColourCheck, load_image
+    from focas_keras.inference.loading import load_cascade
 
-    values = dict(mpp=mpp, tile=tile, overlap=overlap, tile_batch=tile_batch,
-                  det_threshold=det_threshold, cls_threshold=cls_threshold, patch=patch,
-                  merge_px=merge_px, max_candidates_per_mm2=max_candidates_per_mm2, tta=tta)
-    thresholds = _apply_thresholds_file(ctx, thresholds_file, values)
-    with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
-        _check_thresholds_runs(thresholds, det_run, cls_run)
-        if card is None:
-            values["tta"] = bool(values["tta"])
-        cascade = _load_cascade(det_run, cls_run, card, values, merge_px, which)
-        image = load_image(sample, warn=ColourCheck(_warn)) if sample else None
-        try:
-            result = savedmodel.export(cascade, base, name=name, det_name=det_name,
-                                       cls_name=cls_name, version=version,
-                                       max_detections=max_detections, max_pixels=max_pixels,
-                                       sample=image, config_base=config_base, log=click.echo)
-        except ExportError as err:
-            click.echo(f"focas-keras: error: export failed its check, nothing was written: "
-                       f"{err}", err=True)
-            ctx.exit(1)
+    cascade = load_cascade(
+        det_run, cls_run, thresholds_file, which=which, tta=tta, announce=click.echo,
+        warn=_warn, mpp=mpp, tile=tile, overlap=overlap, tile_batch=tile_batch,
+        det_threshold=det_threshold, cls_threshold=cls_threshold, patch=patch,
+        merge_px=_given_or_none(ctx, "merge_px", merge_px),
+        max_candidates_per_mm2=max_candidates_per_mm2)
+    image = load_image(sample, warn=ColourCheck(_warn)) if sample else None
+    try:
+        result = savedmodel.export(cascade, base, name=name, det_name=det_name,
+                                   cls_name=cls_name, version=version,
+                                   max_detections=max_detections, max_pixels=max_pixels,
+                                   sample=image, config_base=config_base, log=click.echo)
+    except ExportError as err:
+        click.echo(f"focas-keras: error: export failed its check, nothing was written: "
+                   f"{err}", err=True)
+        ctx.exit(1)
     click.echo(savedmodel.format_summary(result))
     if check:
         click.echo(savedmodel.describe_base(base, names=list(result["paths"]),
                                             version=result["version"]))
 
 
-@main.command()
+@click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--server", default=None, help="TF Serving gRPC address HOST:PORT (port 8500).")
 @click.option("--rest", default=None, help="TF Serving REST URL http://HOST:PORT (port 8501).")
@@ -381,7 +241,7 @@ def predict(inputs, server, rest, out, model, version, mpp, timeout, no_overlays
                f"(server {server or rest}, model {model}); results in {out}")
 
 
-@main.command()
+@click.command()
 @click.option("--out", default="focas_demo", show_default=True, type=click.Path(file_okay=False),
               help="Output directory of the demo; built aside and renamed into place when "
                    "complete, so an interrupted demo leaves nothing new there.")
@@ -419,3 +279,7 @@ def demo(out, synthetic, images, test_images, size, seed, overwrite):
 
     run_demo(out, images=images, size=size, test_images=test_images, seed=seed,
              overwrite=overwrite, echo=click.echo)
+
+
+#: The commands this module adds to ``focas-keras`` (:mod:`focas_keras.cli`).
+COMMANDS = [detect, models, export_cmd, predict, demo]

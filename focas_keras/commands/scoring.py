@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from focas_keras.cli import _import_tensorflow, main
+from focas_keras.commands.base import _import_tensorflow
 from focas_keras.commands.common import _image_files, _warn
 from focas_keras.errors import InputError
 
@@ -64,7 +64,7 @@ def _read_scoring_inputs(truth, fmt, pred, radius_px, radius_um):
     return gt, preds, ev.radius_from(radius_px, radius_um, ev.truth_mpp(gt))
 
 
-@main.command()
+@click.command()
 @_scoring_options("Ground truth: a centroid CSV (image,x,y) or a dataset (with --format).",
                   "detections.csv from `detect`.")
 @click.option("--matching", type=click.Choice(["one_to_one", "nearest"]), default="one_to_one",
@@ -116,7 +116,7 @@ def evaluate(truth, fmt, pred, radius_px, radius_um, matching, score, threshold,
         click.echo(f"precision-recall curve: {sweep_png}")
 
 
-@main.command()
+@click.command()
 @_scoring_options("Ground truth of the validation fields: a centroid CSV or a dataset.",
                   "detections.csv of `detect --det-threshold 0.05 --cls-threshold 0` on the "
                   "validation fields.")
@@ -190,7 +190,7 @@ def _detect_record(pred) -> dict | None:
             "cls_threshold": resolved.get("cls_threshold"), "mpp": settings.get("mpp")}
 
 
-@main.command("patch-study")
+@click.command("patch-study")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--det", "det_run", required=True, type=click.Path(), help="A train-det run.")
 @click.option("--cls", "cls_run", required=True, type=click.Path(), help="A train-cls run.")
@@ -215,7 +215,7 @@ def patch_study(inputs, det_run, cls_run, truth, fmt, sizes, mpp, model_mpp, det
     _import_tensorflow()
     from focas_keras.evaluation import evaluate as ev
     from focas_keras.evaluation.patch_study import patch_size_study
-    from focas_keras.inference.cascade import Cascade, CascadeSettings
+    from focas_keras.inference.loading import load_cascade
 
     try:
         size_list = [int(s) for s in sizes.split(",") if s.strip()]
@@ -226,10 +226,14 @@ def patch_study(inputs, det_run, cls_run, truth, fmt, sizes, mpp, model_mpp, det
     gt = ev.Truth({k: v for k, v in gt.points.items() if k in stems},
                   {k: v for k, v in gt.mpp.items() if k in stems})
     radius = ev.radius_from(radius_px, radius_um, ev.truth_mpp(gt))
-    cascade = Cascade.from_runs(det_run, cls_run, CascadeSettings(
-        mpp=mpp, model_mpp=model_mpp, det_mpp=det_mpp, cls_mpp=cls_mpp))
+    cascade = load_cascade(det_run, cls_run, warn=_warn, mpp=mpp, model_mpp=model_mpp,
+                           det_mpp=det_mpp, cls_mpp=cls_mpp)
     rows = patch_size_study(cascade, files, gt.points, size_list, radius, warn=_warn)
     click.echo(f"{'crop':>6s} {'TP':>5s} {'FP':>5s} {'FN':>5s}  precision  recall     F1")
     for row in rows:
         click.echo(f"{row['patch']:>6d} {row['tp']:>5d} {row['fp']:>5d} {row['fn']:>5d}  "
                    f"{row['precision']:9.3f} {row['recall']:7.3f} {row['f1']:6.3f}")
+
+
+#: The commands this module adds to ``focas-keras`` (:mod:`focas_keras.cli`).
+COMMANDS = [evaluate, calibrate, patch_study]

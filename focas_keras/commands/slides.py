@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import click
 
-from focas_keras.cli import _import_tensorflow, main, on_interrupt
-from focas_keras.commands.common import _check_writable, _report_failures, _warn
-from focas_keras.commands.detection import (_apply_thresholds_file, _check_thresholds_runs,
-                                            _load_cascade, _runs_options, _runs_or_bundled)
+from focas_keras.commands.base import _import_tensorflow, on_interrupt
+from focas_keras.commands.common import (_check_writable, _given_or_none, _report_failures,
+                                         _runs_options, _slide_options, _warn)
 
 
-@main.command("slide")
+@click.command("slide")
 @click.argument("slides", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory: one subdirectory per slide and slides.csv.")
@@ -18,37 +17,7 @@ from focas_keras.commands.detection import (_apply_thresholds_file, _check_thres
 @click.option("--mpp", type=float, default=None,
               help="Level-0 pixel size (um/px), overriding the slide's own (openslide.mpp-x, "
                    "or the TIFF resolution tags); needed for plain images.")
-@click.option("--hotspot-mm2", type=float, default=2.0, show_default=True,
-              help="Area of the hotspot window (a circle), mm2.")
-@click.option("--hpf", type=int, default=None,
-              help="Hotspot as this many microscope fields (with --field-diameter-mm), e.g. "
-                   "10.")
-@click.option("--field-diameter-mm", type=float, default=None,
-              help="The microscope's field diameter (mm) for --hpf and the score's cut-offs.")
-@click.option("--no-tissue-mask", is_flag=True,
-              help="Run on every tile, tissue or not.")
-@click.option("--min-tissue", type=float, default=0.01, show_default=True,
-              help="Skip tiles whose footprint holds less than this share of tissue.")
-@click.option("--tile", type=int, default=1024, show_default=True,
-              help="Stage-1 tile side (px, multiple of 32, in Mdet's pixels).")
-@click.option("--overlap", type=int, default=64, show_default=True, help="Tile overlap (px).")
-@click.option("--det-threshold", type=float, default=None,
-              help="Stage-1 candidate threshold (default: the model's).")
-@click.option("--cls-threshold", type=float, default=None,
-              help="Stage-2 acceptance threshold (default: the model's).")
-@click.option("--thresholds", "thresholds_file", type=click.Path(dir_okay=False), default=None,
-              help="A thresholds file from `calibrate --write`, as for detect.")
-@click.option("--merge-px", type=float, default=30.0, show_default=True,
-              help="Accepted detections closer than this (px at 0.2456 um/px) to a better one "
-                   "are merged.")
-@click.option("--tta/--no-tta", default=None,
-              help="Mclass under its 8 rotations/flips (default: the model's).")
-@click.option("--which", type=click.Choice(["best", "model"]), default="best",
-              show_default=True, help="Use each run's best or final model.")
-@click.option("--on-tile-error", type=click.Choice(["continue", "fail"]), default="continue",
-              show_default=True,
-              help="A tile that cannot be read: count it as unreadable and go on, or stop the "
-                   "slide (a rerun resumes either way).")
+@_slide_options
 @click.option("--overwrite", is_flag=True,
               help="Discard a slide directory's tiles from another run instead of refusing.")
 @click.option("--allow-coarser", is_flag=True,
@@ -121,9 +90,10 @@ def _domain_check(settings, det_run, cls_run, readers):
     against."""
     import dataclasses
 
-    from focas_keras import domain, pretrained
+    from focas_keras import domain
+    from focas_keras.inference.loading import model_runs
 
-    card = pretrained.load_card() if det_run is None and cls_run is None else None
+    card = model_runs(det_run, cls_run).card
     finest = domain.model_finest_mpp(card, det_run, cls_run)
     for reader in readers:
         if domain.check_pixel_size(reader.mpp, finest, reader.path, settings.allow_coarser):
@@ -135,24 +105,17 @@ def _domain_check(settings, det_run, cls_run, readers):
 
 def _slide_cascade(ctx, det_run, cls_run, which, det_threshold, cls_threshold, merge_px, tta,
                    thresholds_file):
-    """(the Cascade, {"det", "cls"} sha256 of the weights it loaded: the tiles' model key)."""
-    from pathlib import Path
-
-    from focas_keras.io import sha256_file
-
+    """(the Cascade, {"det", "cls"} sha256 of the weights it loaded: the tiles' model key),
+    from :func:`focas_keras.inference.loading.load_cascade`."""
     _import_tensorflow()
-    values = dict(det_threshold=det_threshold, cls_threshold=cls_threshold, merge_px=merge_px,
-                  tta=tta)
-    thresholds = _apply_thresholds_file(ctx, thresholds_file, values)
-    with _runs_or_bundled(det_run, cls_run) as (det_run, cls_run, card):
-        _check_thresholds_runs(thresholds, det_run, cls_run)
-        if card is None:
-            values["tta"] = bool(values["tta"])
-        cascade = _load_cascade(det_run, cls_run, card, values, merge_px, which)
-        pick = "model" if card is not None else which
+    from focas_keras.inference.loading import load_cascade
 
-        def weights(run):
-            path = Path(run) / f"{pick}.keras"
-            return sha256_file(path if path.is_file() else Path(run) / "model.keras")
+    cascade = load_cascade(det_run, cls_run, thresholds_file, which=which, tta=tta,
+                           announce=click.echo, warn=_warn, det_threshold=det_threshold,
+                           cls_threshold=cls_threshold,
+                           merge_px=_given_or_none(ctx, "merge_px", merge_px))
+    return cascade, cascade.model_key
 
-        return cascade, {"det": weights(det_run), "cls": weights(cls_run)}
+
+#: The commands this module adds to ``focas-keras`` (:mod:`focas_keras.cli`).
+COMMANDS = [slide]

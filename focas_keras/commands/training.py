@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from focas_keras.cli import _import_tensorflow, main, on_interrupt
+from focas_keras.commands.base import _import_tensorflow, on_interrupt
 from focas_keras.commands.common import _check_writable
 from focas_keras.errors import InputError
 
@@ -23,7 +23,7 @@ _PRECISION_HELP = ("Compute precision (default: the preset's; the mixed ones kee
                    "weights).")
 
 
-@main.command("train-det")
+@click.command("train-det")
 @click.option("--data", required=True, type=click.Path(), help="Shards from `prepare`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--preset", default="paper", show_default=True,
@@ -102,7 +102,7 @@ def _report(result: dict, out) -> None:
         click.echo(f"model: {out}/model.keras")
 
 
-@main.command("train-cls")
+@click.command("train-cls")
 @click.option("--data", required=True, type=click.Path(), help="Shards from `prepare`/`mine`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--preset", default="paper", show_default=True,
@@ -166,7 +166,7 @@ def _alias(ctx, name: str, old: str):
     return old_value
 
 
-@main.command()
+@click.command()
 @click.option("--det", "det_run", required=True, type=click.Path(), help="A train-det run.")
 @click.option("--data", "source", required=True, type=click.Path(),
               help="The dataset the shards were prepared from.")
@@ -199,9 +199,9 @@ def mine(ctx, det_run, source, fmt, shard_dir, det_threshold, score_threshold_al
     hard negative (and with --keep-tp the rest as positives)."""
     _check_writable(shard_dir)
     _import_tensorflow()
-    from data_tools.mine import mine_hard_negatives
+    from focas_keras.training.mine import mine_hard_negatives
     from focas_keras.evaluation import evaluate as ev
-    from focas_keras.run_kind import MDET, check_run_kind
+    from focas_keras.runs import MDET, check_run_kind
 
     check_run_kind(det_run, MDET, "--det")
     det_threshold = _alias(ctx, "det_threshold", "score_threshold_alias")
@@ -225,3 +225,7 @@ def mine(ctx, det_run, source, fmt, shard_dir, det_threshold, score_threshold_al
         val = summary["val"]
         click.echo(f"and {val['records']} candidates ({val['true_positives']} near a mitosis) "
                    f"from {val['images']} validation images, for selection only")
+
+
+#: The commands this module adds to ``focas-keras`` (:mod:`focas_keras.cli`).
+COMMANDS = [train_det, train_cls, mine]

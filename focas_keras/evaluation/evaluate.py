@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from data_tools.annotations import ICPR2012_MPP, MITOSIS
+from focas_keras.datasets.annotations import ICPR2012_MPP, MITOSIS
 from focas_keras.errors import InputError
 from focas_keras.evaluation.matching import Counts, count_matches, sweep_counts
 
@@ -93,7 +93,7 @@ def read_truth(path, fmt: str | None = None) -> Truth:
         path: with ``fmt`` None, a centroid CSV with header ``image,x,y`` (other columns are
             ignored; a row with x and y both blank declares an image without mitoses). Only
             the images named in such a CSV are known, and their mpp is None (unknown).
-            Otherwise a dataset readable by :func:`data_tools.readers.read_dataset`.
+            Otherwise a dataset readable by :func:`focas_keras.datasets.readers.read_dataset`.
         fmt: dataset format name, or None for a centroid CSV.
 
     Returns:
@@ -122,7 +122,7 @@ def read_truth(path, fmt: str | None = None) -> Truth:
                 continue
             points[image].append((_number(row, "x", path, line), _number(row, "y", path, line)))
     else:
-        from data_tools.readers import read_dataset
+        from focas_keras.datasets.readers import read_dataset
         try:
             dataset = read_dataset(fmt, path)
         except (OSError, ValueError, KeyError) as err:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from data_tools.annotations import ICPR2012_MPP
+from focas_keras.datasets.annotations import ICPR2012_MPP
 from focas_keras.evaluation.calibrate import calibrate_cascade, calibrate_stage1
 
 #: The contest's match radius: 20 px at 0.2456 um/px (about 5 um).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_tools.annotations import ColourCheck, load_image
+from focas_keras.datasets.annotations import ColourCheck, load_image
 from focas_keras.evaluation.matching import Counts, count_matches
 from focas_keras.inference.cascade import crop_patches
 
@@ -39,7 +39,7 @@ def patch_size_study(cascade, image_paths, truth_points: dict, sizes=PAPER_SIZES
         centres_input = (np.asarray(boxes, np.float64)[:, :2] + boxes[:, 2:]) / 2.0
         centres = centres_input * np.array([sx, sy])
         for size in sizes:
-            scores = (cascade._classify(crop_patches(resized, centres, size))
+            scores = (cascade.classify_patches(crop_patches(resized, centres, size))
                       if len(centres) else np.zeros((0,)))
             keep = np.asarray(scores).reshape(-1) >= cascade.cls_threshold
             totals[size] = totals[size] + count_matches(

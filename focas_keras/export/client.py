@@ -208,7 +208,7 @@ def predict_to_dir(client, inputs, out_dir, mpp: float = 0.2456, overlays: bool 
     """
     from tqdm import tqdm
 
-    from data_tools.annotations import load_image
+    from focas_keras.datasets.annotations import load_image
     from focas_keras import __version__
     from focas_keras.export.savedmodel import outputs_to_tables
     from focas_keras.inference import outputs as writers

@@ -378,7 +378,7 @@ class TiledStage1:
 
     def stage1(self, image):
         """uint8 [H, W, 3] -> (boxes float64 [N, 4] x1 y1 x2 y2 input pixels, scores float32
-        [N]), N <= D, best first: ``Cascade._stage1_model`` (with its per-area caps) capped at
+        [N]), N <= D, best first: ``Cascade.detect_resized`` (with its per-area caps) capped at
         ``max_detections`` on the image shrunk by ``det_scale``, boxes divided by the exact
         factors as in ``Cascade.run``."""
         scale = self.settings.det_scale

@@ -169,7 +169,7 @@ def reference_table(cascade, image: np.ndarray, max_detections: int) -> pd.DataF
 def image_cut(cascade, max_detections: int) -> int:
     """The most candidates the export returns for the image ``cascade`` ran on last:
     ``min(max_detections, its stage-1 candidate cap)`` (``max_detections`` before any run)."""
-    info = getattr(cascade, "last_stage1_info", None)
+    info = getattr(cascade, "stage1_info", None)
     return int(max_detections if info is None else min(max_detections, info["cap"]))
 
 
@@ -206,7 +206,7 @@ def _stage1_table(boxes, scores) -> pd.DataFrame:
 
 def default_sample(tile: int, seed: int = 0) -> np.ndarray:
     """A synthetic H&E field of about 1.5 x 1.25 tiles, so the sample crosses tile borders."""
-    from data_tools.synth import synthesize_image
+    from focas_keras.datasets.synth import synthesize_image
 
     size = (max(16, tile + tile // 2 + 5), max(16, tile + tile // 4 + 3))
     return synthesize_image(size, seed=seed).image
@@ -263,7 +263,7 @@ def verify(paths: dict, names: dict, cascade, settings: GraphSettings, image: np
     centres = ((boxes[:, :2] + boxes[:, 2:]) / 2.0)[:16] if len(boxes) else np.array(
         [[width / 2.0, height / 2.0]])
     patches = crop_patches(image, centres, cascade.patch)
-    want_p = cascade._classify(patches)
+    want_p = cascade.classify_patches(patches)
     loaded = tf.saved_model.load(str(paths[names["cls"]]))
     got_p = loaded.signatures[DEFAULT_SIGNATURE](**{PATCHES_KEY: tf.constant(patches)})
     err = float(np.max(np.abs(got_p["probabilities"].numpy() - want_p)))

@@ -5,5 +5,10 @@
 ``run``) and ``list_inputs``. ``outputs`` (NumPy/pandas/OpenCV only): detections CSV, QuPath
 GeoJSON, counts per mm^2, overlays, and ``detect_to_dir``, the whole ``detect`` command.
 
-Nothing is imported here, so that ``outputs`` can be used without loading TensorFlow.
+``loading`` (light until called): :func:`~focas_keras.inference.loading.load_cascade`, the
+cascade from two training runs or the bundled model, as the commands build it; re-exported
+here. Nothing else is imported here, so that ``outputs`` can be used without loading
+TensorFlow.
 """
+
+from focas_keras.inference.loading import load_cascade  # noqa: F401

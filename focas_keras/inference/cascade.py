@@ -26,22 +26,17 @@ import keras
 import numpy as np
 import pandas as pd
 
-from data_tools.annotations import ICPR2012_MPP, IMAGE_EXTENSIONS
+from focas_keras.datasets.annotations import ICPR2012_MPP, IMAGE_EXTENSIONS
 from focas_keras.errors import InputError
 from focas_keras.inference.resize import resize_by
-from focas_keras.inference.run_values import (  # noqa: F401  (run_*: API)
-    MIN_AUTO_CLS_THRESHOLD, _read_json, run_cls_threshold, run_data_mpp, run_det_threshold,
-    run_field_thresholds, run_metric)
 from focas_keras.inference.tiling import (  # noqa: F401  (crop_patches, tile_starts: API)
-    TileGrid, crop_patches, merge_candidates, tile_starts)
+    crop_patches, tile_starts)
 from focas_keras.models.mclass import predict_proba, predict_proba_tta
 from focas_keras.models.mclass_config import MclassConfig
 from focas_keras.models.fold import fold_weight_standardization
-from focas_keras.models.mdet import INPUT_MULTIPLE, Detector, load_mdet_run
-from focas_keras.run_kind import MCLASS, MDET, check_run_kind
-
-#: Columns of :meth:`Cascade.run`'s table.
-RESULT_COLUMNS = ["x", "y", "x1", "y1", "x2", "y2", "det_score", "cls_score", "accepted"]
+from focas_keras.models.mdet import INPUT_MULTIPLE, Detector
+from focas_keras.inference.engine import (  # noqa: F401  (RESULT_COLUMNS, merge_points: API)
+    RESULT_COLUMNS, detect_field, merge_points, padded_size, run_field)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +60,9 @@ class CascadeSettings:
         det_threshold: stage-1 score threshold; None: the det run's
             ``inference.score_threshold``.
         cls_threshold: stage-2 acceptance threshold (``cls_score >= cls_threshold``); None: the
-            cls run's validation-best threshold (see :func:`run_cls_threshold`), but not below
-            :data:`MIN_AUTO_CLS_THRESHOLD`.
+            cls run's validation-best threshold (see
+            :func:`~focas_keras.runs.run_cls_threshold`), but not below
+            :data:`~focas_keras.runs.MIN_AUTO_CLS_THRESHOLD`.
         patch: side (px, Mclass's pixels) of the crop around each candidate centre, resized to the
             Mclass input; None: the cls run's ``crop_size`` (112, as in the paper).
         cls_batch: crops per Mclass forward pass.
@@ -194,14 +190,6 @@ def level_topk(height: int, width: int, topk_per_level: int) -> int:
     return max(int(topk_per_level), math.ceil(int(topk_per_level) * height * width / ref))
 
 
-def _pick_checkpoint(run_dir: Path, which: str) -> str:
-    if which not in ("best", "model"):
-        raise InputError(f"checkpoint must be 'best' or 'model', got {which!r}")
-    if not run_dir.is_dir():
-        raise InputError("run directory not found", run_dir)
-    return "best" if which == "best" and (run_dir / "best.keras").is_file() else "model"
-
-
 class Cascade:
     """Mdet + Mclass on whole images; thresholds resolved once, at construction.
 
@@ -212,16 +200,16 @@ class Cascade:
         cls_threshold_default: the acceptance threshold when ``settings.cls_threshold`` is None
             (e.g. the run's validation-best threshold).
         det_threshold_default: the candidate threshold when ``settings.det_threshold`` is None
-            (e.g. the run's :func:`run_det_threshold`); never below the config's
+            (e.g. the run's :func:`~focas_keras.runs.run_det_threshold`); never below the config's
             ``inference.score_threshold``, which is used when this is None.
         det_mpp_default, cls_mpp_default: the pixel size each model was trained at (e.g. its
-            run's :func:`run_data_mpp`), used where the settings name none.
+            run's :func:`~focas_keras.runs.run_data_mpp`), used where the settings name none.
 
     Attributes:
         det_threshold, cls_threshold, nms_iou, patch: the resolved settings in use.
         det_mpp, cls_mpp: the resolved pixel size of each stage (um/px).
         det_scale, cls_scale: each stage's pixels per input pixel (``mpp / stage mpp``).
-        last_stage1_info: stage 1 of the last image run (None before the first):
+        stage1_info: stage 1 of the last image run (None before the first):
             ``{"candidates": n kept, "cap": the image's candidate_cap, "cap_bound": bool,
             "calls": Mdet calls, "calls_at_cap": calls that returned their own cap,
             "tile": the tile side (0: whole image), "auto_tiled": bool, "call_cap": each
@@ -254,12 +242,14 @@ class Cascade:
         self.nms_iou = float(inference.nms_iou if s.nms_iou is None else s.nms_iou)
         self.patch = int(cls_config.crop_size if s.patch is None else s.patch)
         self._detectors = {}  # {(max_detections, top-k): Detector}, one per call size
-        self.last_stage1_info = None
+        self.stage1_info = None
 
     @classmethod
     def from_runs(cls, det_run, cls_run, settings: CascadeSettings = CascadeSettings(),
                   which: str = "best") -> "Cascade":
-        """Loads a ``train-det`` and a ``train-cls`` run directory.
+        """Loads a ``train-det`` and a ``train-cls`` run directory
+        (:func:`focas_keras.runs.load_cascade_runs` reads them); the cascade's ``model_key``
+        is ``{"det": sha256, "cls": sha256}`` of the checkpoints loaded.
 
         Args:
             det_run, cls_run: the run directories.
@@ -269,34 +259,18 @@ class Cascade:
 
         Raises:
             InputError: a missing directory, config or checkpoint, an unreadable file, or a
-                run of the other kind (:func:`~focas_keras.run_kind.check_run_kind`).
+                run of the other kind (:func:`~focas_keras.runs.check_run_kind`).
         """
-        det_run, cls_run = Path(det_run), Path(cls_run)
-        check_run_kind(det_run, MDET, "--det")  # both before any model loads
-        check_run_kind(cls_run, MCLASS, "--cls")
-        det_model, det_config = load_mdet_run(det_run, _pick_checkpoint(det_run, which))
+        from focas_keras.runs import load_cascade_runs
+
+        runs = load_cascade_runs(det_run, cls_run, which)
         # Inference only: each WSConv2D's standardised kernel computed once, not per call
         # (outputs equal: tests/test_fold.py).
-        det_model = fold_weight_standardization(det_model)
-        cls_which = _pick_checkpoint(cls_run, which)
-        config_path, model_path = cls_run / "config.json", cls_run / f"{cls_which}.keras"
-        if not config_path.is_file():
-            raise InputError("not a train-cls run (no config.json)", cls_run)
-        cls_config = MclassConfig.from_dict(_read_json(config_path)).validate()
-        if not model_path.is_file():
-            raise InputError(f"no {cls_which}.keras (training unfinished?)", cls_run)
-        try:
-            cls_model = keras.saving.load_model(model_path, safe_mode=True)
-        except (ValueError, OSError) as err:
-            raise InputError(f"cannot load the model ({err})", model_path) from None
-        field_pair = run_field_thresholds(cls_run, cls_which)
-        if field_pair is not None:  # chosen on whole validation fields: used as they are
-            det_default, cls_default = field_pair
-        else:
-            det_default = run_det_threshold(det_run, _pick_checkpoint(det_run, which))
-            cls_default = max(MIN_AUTO_CLS_THRESHOLD, run_cls_threshold(cls_run, cls_which))
-        return cls(det_model, det_config, cls_model, cls_config, settings, cls_default,
-                   det_default, run_data_mpp(det_run), run_data_mpp(cls_run))
+        cascade = cls(fold_weight_standardization(runs.det_model), runs.det_config,
+                      runs.cls_model, runs.cls_config, settings, runs.cls_threshold,
+                      runs.det_threshold, runs.det_mpp, runs.cls_mpp)
+        cascade.model_key = runs.model_key
+        return cascade
 
     # ------------------------------------------------------------------ overridable models
 
@@ -304,16 +278,17 @@ class Cascade:
         """:func:`level_topk` of one Mdet call on ``height`` x ``width`` px."""
         return level_topk(height, width, self.det_config.inference.topk_per_level)
 
-    def _detect_tiles(self, batch: np.ndarray, max_detections: int, valid_size=None) -> list:
-        """Mdet on float32 [N, h, w, 3] images in [0, 1], at most ``max_detections`` each,
-        each level keeping :meth:`level_topk` boxes of the batch's size before NMS;
+    def detect_images(self, batch: np.ndarray, max_detections: int, valid_size=None) -> list:
+        """Mdet itself on float32 [N, h, w, 3] images in [0, 1], at most ``max_detections``
+        each, each level keeping :meth:`level_topk` boxes of the batch's size before NMS;
         per image (boxes (D, 4), scores (D,), whether a level's top-k was full of boxes over
-        the threshold), best first (an override may leave out the flag).
+        the threshold), best first. Tests override it with a fake detector (which may leave
+        out the flag or return more than ``max_detections``).
 
         ``valid_size`` (height, width): the top-left part of every image that is image, where
         the rest is padding (an image smaller than a tile); None: all of it.
         """
-        topk = self.level_topk(*_padded(*batch.shape[1:3]))
+        topk = self.level_topk(*padded_size(*batch.shape[1:3]))
         detector = self._detectors.get((max_detections, topk))
         if detector is None:
             inference = dataclasses.replace(self.det_config.inference, topk_per_level=topk)
@@ -327,14 +302,15 @@ class Cascade:
         full = dets["topk_full"].numpy()
         return [(boxes[i, :n], scores[i, :n], bool(full[i])) for i, n in enumerate(counts)]
 
-    def _classify(self, patches: np.ndarray) -> np.ndarray:
-        """Mclass probabilities of uint8 [N, P, P, 3] crops (averaged over the 8 dihedral
-        transforms when ``settings.tta``)."""
+    def classify_patches(self, patches: np.ndarray) -> np.ndarray:
+        """Mclass itself: probabilities (float (N,)) of uint8 [N, P, P, 3] crops (averaged over
+        the 8 dihedral transforms when ``settings.tta``); tests override it with a fake."""
         predict = predict_proba_tta if self.settings.tta else predict_proba
         return predict(self.cls_model, patches, self.cls_config.model.input_size,
                        self.settings.cls_batch)
 
-    # ------------------------------------------------------------------ stages
+    # ------------------------------------------------------------------ stages (public: the
+    # engine, focas_keras.inference.engine, runs fields and slides through them)
 
     def model_image(self, image: np.ndarray, stage: str = "cls"
                     ) -> tuple[np.ndarray, float, float]:
@@ -350,25 +326,28 @@ class Cascade:
         """:func:`candidate_cap` of ``height`` x ``width`` Mdet pixels (``det_mpp``)."""
         return candidate_cap(height, width, self.det_mpp, self.settings.max_candidates_per_mm2)
 
-    def _detect_calls(self, batch: np.ndarray, cap: int, valid_size=None) -> list:
-        """:meth:`_detect_tiles`, each image's result cut to its ``cap`` best scores (an
-        override may return more); per image (boxes (D, 4), scores (D,), reached cap,
-        top-k full)."""
+    def detect_batch(self, batch: np.ndarray, cap: int, valid_size=None) -> list:
+        """Stage 1 on a batch of images or tiles, each cut to its ``cap`` best candidates.
+
+        Args:
+            batch: float32 [N, h, w, 3] in [0, 1] (Mdet's pixels).
+            cap: the most candidates per image (:meth:`candidate_cap` of its area).
+            valid_size: (height, width) of every image's part that is image (the rest is
+                mirrored padding); None: all of it.
+
+        Returns:
+            Per image (boxes float32 (D, 4) x1, y1, x2, y2 in its pixels, scores float32 (D,),
+            best first; it reached ``cap``; a level's top-k was full of boxes over the
+            threshold).
+        """
         capped = []
-        for found in self._detect_tiles(batch, cap, valid_size):
+        for found in self.detect_images(batch, cap, valid_size):
             boxes = np.asarray(found[0], np.float32).reshape(-1, 4)
             scores = np.asarray(found[1], np.float32).reshape(-1)
             order = np.argsort(-scores, kind="stable")[:cap]
             topk_full = bool(found[2]) if len(found) > 2 else False
             capped.append((boxes[order], scores[order], len(scores) >= cap, topk_full))
         return capped
-
-    def _detect_capped(self, batch: np.ndarray, cap: int, valid_size=None) -> list:
-        """:meth:`_detect_calls` without the top-k flag: per image (boxes (D, 4), scores
-        (D,), reached cap or a full per-level top-k)."""
-        return [(boxes, scores, at_cap or topk_full)
-                for boxes, scores, at_cap, topk_full in self._detect_calls(batch, cap,
-                                                                           valid_size)]
 
     def stage1_tile(self, height: int, width: int) -> int:
         """The tile side stage 1 uses on ``height`` x ``width`` Mdet px: the settings' tile,
@@ -379,60 +358,24 @@ class Cascade:
             return AUTO_TILE
         return tile
 
-    def _stage1_model(self, image: np.ndarray):
-        """Stage 1 on an image already in Mdet's pixels; boxes in those pixels.
-
-        Sets :attr:`last_stage1_info`.
-        """
-        height, width = image.shape[:2]
-        tile = self.stage1_tile(height, width)
-        found, at_cap, at_topk = [], [], []
-        if tile == 0:
-            call_cap = self.candidate_cap(height, width)
-            topk = self.level_topk(*_padded(height, width))
-            boxes, scores, full, topk_full = self._detect_calls(
-                image[None].astype(np.float32) / 255.0, call_cap)[0]
-            found.append((boxes, scores))
-            at_cap.append(full)
-            at_topk.append(topk_full)
-        else:
-            grid = TileGrid(height, width, tile, self.settings.overlap)
-            padded, cells = grid.pad(image), grid.cells()
-            call_cap, step = self.candidate_cap(tile, tile), self.settings.tile_batch
-            if tile != self.settings.tile:  # auto-tiled: one tile per call bounds the memory
-                step = 1
-            topk = self.level_topk(tile, tile)
-            for start in range(0, len(cells), step):
-                chunk = cells[start:start + step]
-                batch = np.stack([grid.cut(padded, c) for c in chunk]).astype(np.float32) / 255.0
-                for cell, (boxes, scores, full, topk_full) in zip(
-                        chunk, self._detect_calls(batch, call_cap, grid.valid)):
-                    found.append(grid.keep(cell, boxes, scores))
-                    at_cap.append(full)
-                    at_topk.append(topk_full)
-        cap = self.candidate_cap(height, width)
-        boxes, scores, survived, _ = merge_candidates(found, height, width, self.det_threshold,
-                                                      self.nms_iou, cap)
-        bound = [name for name, hit in (("per_level_topk", any(at_topk)),
-                                        ("call_nms_max", any(at_cap)),
-                                        ("image_cap", survived > cap)) if hit]
-        self.last_stage1_info = {"candidates": int(len(scores)), "cap": int(cap),
-                                 "cap_bound": bool(bound), "calls": len(at_cap),
-                                 "calls_at_cap": int(sum(at_cap)), "tile": int(tile),
-                                 "auto_tiled": bool(tile != self.settings.tile),
-                                 "call_cap": int(call_cap), "topk_per_level": int(topk),
-                                 "calls_at_topk": int(sum(at_topk)), "bound": bound}
+    def detect_resized(self, image: np.ndarray):
+        """Stage 1 on a uint8 (H, W, 3) image already in Mdet's pixels
+        (:func:`~focas_keras.inference.engine.detect_field`); (boxes float32 (D, 4) in those
+        pixels, scores float32 (D,)), best first. Sets :attr:`stage1_info`."""
+        boxes, scores, self.stage1_info = detect_field(self, image)
         return boxes, scores
 
-    def _stage2_model(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """Stage 2 on an image and boxes in Mclass's pixels."""
+    def classify_boxes(self, image: np.ndarray, boxes) -> np.ndarray:
+        """Stage 2: Mclass scores (float32 (D,)) of the crops around the centres of ``boxes``
+        (float (D, 4) x1, y1, x2, y2), both the uint8 image and the boxes in Mclass's pixels;
+        crops of :attr:`patch` px, reflect-padded at the image's edge."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0
         scores = [np.zeros((0,), np.float32)]
         for start in range(0, len(centres), self.settings.cls_batch):
             patches = crop_patches(image, centres[start:start + self.settings.cls_batch],
                                    self.patch)
-            scores.append(np.asarray(self._classify(patches), np.float32).reshape(-1))
+            scores.append(np.asarray(self.classify_patches(patches), np.float32).reshape(-1))
         return np.concatenate(scores)
 
     def stage1(self, image: np.ndarray):
@@ -441,81 +384,27 @@ class Cascade:
         Returns:
             (boxes float32 (D, 4) x1, y1, x2, y2 input pixels, det_scores float32 (D,)), best
             first, after the threshold and class-agnostic NMS, at most the image's
-            :meth:`candidate_cap` (see :attr:`last_stage1_info`).
+            :meth:`candidate_cap` (see :attr:`stage1_info`).
         """
         resized, sx, sy = self.model_image(image, "det")
-        boxes, scores = self._stage1_model(resized)
+        boxes, scores = self.detect_resized(resized)
         return boxes / np.array([sx, sy, sx, sy], np.float32), scores
 
     def stage2(self, image: np.ndarray, boxes) -> np.ndarray:
         """Mclass scores (float32 (D,)) of candidate boxes given in input pixels."""
         resized, sx, sy = self.model_image(image, "cls")
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
-        return self._stage2_model(resized, boxes)
+        return self.classify_boxes(resized, boxes)
 
     def run(self, image: np.ndarray) -> pd.DataFrame:
-        """Both stages on one uint8 RGB image.
+        """Both stages on one uint8 RGB image (:func:`~focas_keras.inference.engine.run_field`).
 
         Returns:
             One row per candidate, columns :data:`RESULT_COLUMNS` (x, y: box centre; input
-            pixels), ``accepted`` = ``cls_score >= cls_threshold``; sorted by det_score, best
-            first.
+            pixels), ``accepted`` = ``cls_score >= cls_threshold`` after the point merge
+            (:func:`merge_points`); sorted by det_score, best first.
         """
-        det_image, sx, sy = self.model_image(image, "det")
-        boxes, det_scores = self._stage1_model(det_image)
-        det_to_input = np.array([sx, sy, sx, sy])
-        if self.cls_scale == self.det_scale:  # one resized image serves both stages
-            cls_scores = self._stage2_model(det_image, boxes)
-        else:
-            cls_image, cx, cy = self.model_image(image, "cls")
-            cls_scores = self._stage2_model(
-                cls_image, boxes.astype(np.float64) / det_to_input * np.array([cx, cy, cx, cy]))
-        boxes = boxes.astype(np.float64) / det_to_input
-        order = np.argsort(-det_scores, kind="stable")
-        boxes, det_scores, cls_scores = boxes[order], det_scores[order], cls_scores[order]
-        centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0
-        accepted = merge_points(centres, cls_scores, cls_scores >= self.cls_threshold,
-                                self.settings.merge_px)
-        return pd.DataFrame({
-            "x": (boxes[:, 0] + boxes[:, 2]) / 2.0, "y": (boxes[:, 1] + boxes[:, 3]) / 2.0,
-            "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
-            "det_score": det_scores.astype(np.float64),
-            "cls_score": cls_scores.astype(np.float64),
-            "accepted": accepted,
-        }, columns=RESULT_COLUMNS)
-
-
-def _padded(height: int, width: int) -> tuple[int, int]:
-    """The size Mdet sees an image at: padded to a multiple of ``INPUT_MULTIPLE``."""
-    m = INPUT_MULTIPLE
-    return -(-height // m) * m, -(-width // m) * m
-
-
-def merge_points(centres, scores, accepted, radius: float) -> np.ndarray:
-    """Greedy point suppression among accepted detections.
-
-    Args:
-        centres: (D, 2) detection centres.
-        scores: (D,) ranking scores (higher wins; ties: input order).
-        accepted: (D,) bool, which detections are candidates for acceptance.
-        radius: a detection within this distance of a kept one is dropped (0: no merging).
-
-    Returns:
-        (D,) bool: the accepted detections that survive.
-    """
-    keep = np.zeros(len(scores), bool)
-    accepted = np.asarray(accepted, bool)
-    if radius <= 0:
-        return accepted.copy()
-    kept = []
-    for i in np.argsort(-np.asarray(scores, np.float64), kind="stable"):
-        if not accepted[i]:
-            continue
-        if kept and np.min(np.hypot(*(centres[kept] - centres[i]).T)) <= radius:
-            continue
-        kept.append(i)
-        keep[i] = True
-    return keep
+        return run_field(self, image)
 
 
 def list_inputs(paths) -> list[Path]:

@@ -329,7 +329,7 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
     is assembled aside and renamed into place when complete, so a failure leaves nothing.
     ``detect.json`` holds the settings (``max_candidates_per_mm2`` and ``tta`` among them),
     the resolved thresholds and pixel sizes, and under ``stage1_cap`` each image's stage-1
-    candidates and cap (:attr:`Cascade.last_stage1_info`) and the ``cap_bound_images``, whose
+    candidates and cap (:attr:`Cascade.stage1_info`) and the ``cap_bound_images``, whose
     candidates the per-area cap may have cut (raise ``--max-candidates-per-mm2`` for those),
     and ``grayscale_images``, the inputs without colour (the first one is warned about).
 
@@ -366,7 +366,7 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
 
     from tqdm import tqdm
 
-    from data_tools.annotations import (ColourCheck, _stderr_warning, check_image_file,
+    from focas_keras.datasets.annotations import (ColourCheck, _stderr_warning, check_image_file,
                                         load_image)
     from focas_keras import __version__
     from focas_keras.errors import InputError
@@ -392,7 +392,7 @@ def detect_to_dir(cascade, inputs, out_dir, overlays: bool = True, progress: boo
                 continue
             done.append(path)
             df = cascade.run(image)
-            info = getattr(cascade, "last_stage1_info", None)
+            info = getattr(cascade, "stage1_info", None)
             if info is not None:
                 stage1[path.stem] = dict(info)
             frames[path.stem] = df

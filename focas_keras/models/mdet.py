@@ -336,34 +336,3 @@ def detect_image(model: keras.Model, image, config: MdetConfig, score_threshold=
     dets = detect_batch(model, batch, config, score_threshold=score_threshold)
     count = int(dets["num_detections"][0])
     return dets["boxes"][0, :count].numpy(), dets["scores"][0, :count].numpy()
-
-
-def load_mdet_run(run_dir, which: str = "model"):
-    """The trained model and config of a ``train-det`` run directory.
-
-    Args:
-        run_dir: the run directory.
-        which: ``model`` (final) or ``best`` (best validation epoch).
-
-    Returns:
-        (keras.Model, MdetConfig).
-
-    Raises:
-        InputError: no config or checkpoint, or a directory of another kind (a train-cls
-            run, shards).
-    """
-    import json
-    from pathlib import Path
-
-    from focas_keras.errors import InputError
-    from focas_keras.run_kind import MDET, check_run_kind
-
-    run_dir = Path(run_dir)
-    check_run_kind(run_dir, MDET, "--det")
-    path, config_path = run_dir / f"{which}.keras", run_dir / "config.json"
-    if not config_path.is_file():
-        raise InputError("not a train-det run (no config.json)", run_dir)
-    if not path.is_file():
-        raise InputError(f"no {which}.keras (training unfinished?)", run_dir)
-    config = MdetConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    return keras.saving.load_model(path, safe_mode=True), config

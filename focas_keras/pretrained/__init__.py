@@ -87,18 +87,19 @@ def settings_from_card(card: dict, **overrides):
     return CascadeSettings(**values)
 
 
-def load_cascade(name: str = DEFAULT, **overrides):
-    """The bundled cascade, ready to run (:class:`~focas_keras.inference.cascade.Cascade`)."""
-    from focas_keras.inference.cascade import Cascade
+def load_cascade(name: str | None = None, **overrides):
+    """The bundled cascade ``name`` (None: :data:`DEFAULT`), ready to run:
+    :func:`focas_keras.inference.load_cascade` without runs (``overrides``: settings that
+    replace the card's; None values are not given)."""
+    from focas_keras.inference.loading import load_cascade
 
-    with runs(name) as (det, cls, card):
-        return Cascade.from_runs(det, cls, settings_from_card(card, **overrides), which="model")
+    return load_cascade(bundle=name, **overrides)
 
 
 def reference_detections(bundle: Path, image_path: Path) -> dict:
     """What the cascade in ``bundle`` (card thresholds) accepts on one image: recorded in the
     card and checked by the tests (positions in px, scores)."""
-    from data_tools.annotations import load_image
+    from focas_keras.datasets.annotations import load_image
     from focas_keras.inference.cascade import Cascade
 
     card = json.loads((Path(bundle) / "card.json").read_text(encoding="utf-8"))
@@ -114,7 +115,8 @@ def reference_detections(bundle: Path, image_path: Path) -> dict:
 
 def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
               train_seconds: float, date: str, overrides: dict | None = None,
-              selection: dict | None = None, domain: dict | None = None) -> dict:
+              selection: dict | None = None, domain: dict | None = None,
+              extra_data: dict | None = None, scanners: dict | None = None) -> dict:
     """The machine-readable card of a model trained by ``experiments/train_bundled.py``.
 
     ``overrides``: {"train-det": [...], "train-cls": [...]} ``--set`` options given on top of
@@ -123,10 +125,20 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
     "cls_epoch": e}``: slide S validated and the checkpoints selected on it ship.
     ``domain``: the model's domain block (pixel sizes and the training fields' colour
     statistics, :class:`focas_keras.domain.DomainCard`; ``experiments/domain_stats.py``
-    computes it), which ``detect`` and ``slide`` check inputs against.
+    computes it), which ``detect`` and ``slide`` check inputs against. ``overrides`` may also
+    hold ``cls_preset`` (Mclass's preset, where it differs) and ``amibr`` ({"extra_share"}).
+    ``extra_data``: a second training set (name, crops, scanners, licence, citation) whose
+    crops joined Mclass's batches. ``scanners``: per-scanner estimates on held-out scanners
+    ({scanner: {"recall", "fp_per_crop", ...}} and how they were measured under ``protocol``).
     """
     cv = thresholds["cv"]
-    extra = [f"{k} --set {o}" for k, v in sorted((overrides or {}).items()) for o in v]
+    overrides = overrides or {}
+    extra = [f"{k} --set {o}" for k in ("train-cls", "train-det") for o in overrides.get(k, [])]
+    if overrides.get("cls_preset"):
+        extra.append(f"Mclass preset '{overrides['cls_preset']}'")
+    if overrides.get("amibr"):
+        extra.append(f"AMi-Br crops in Mclass's batches (train.extra_share "
+                     f"{overrides['amibr']['extra_share']:g})")
     if selection is None:
         split = "on all 15 fields with no validation split"
         steps = ("train-det, mine --keep-tp (every candidate on every field), train-cls; "
@@ -173,8 +185,20 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
                    "regression check, not evidence",
                    f"preset '{preset}' (sized for a 2-core CPU), not the paper's ResNet-50"],
     }
-    card["overrides"] = {"train-det": list((overrides or {}).get("train-det", [])),
-                         "train-cls": list((overrides or {}).get("train-cls", []))}
+    card["overrides"] = {"train-det": list(overrides.get("train-det", [])),
+                         "train-cls": list(overrides.get("train-cls", []))}
+    options = {k: overrides[k] for k in ("cls_preset", "amibr") if overrides.get(k)}
+    if options:
+        card["recipe_options"] = options
+    if extra_data is not None:
+        card["data"]["extra"] = dict(extra_data)
+        card["limits"][0] = ("Mdet learned from one scanner (Aperio XT); Mclass also from "
+                             f"{len(extra_data['scanners'])} other scanners' mitoses "
+                             f"({', '.join(extra_data['scanners'])}); expect lower accuracy "
+                             "on other scanners, stains and tissues (estimates per scanner "
+                             "below)")
+    if scanners is not None:
+        card["scanners"] = dict(scanners)
     if selection is not None:
         card["selection"] = dict(selection)
     if domain is not None:
@@ -209,6 +233,7 @@ def card_markdown(card: dict) -> str:
         f"{card['data']['mitoses']} mitoses (centroids), slides "
         f"{', '.join(card['data']['slides'])}. Licence: {card['data']['licence']}.", "",
         f"Cite: {card['data']['citation']}", "",
+        *_extra_data_markdown(card),
         "## Pixel sizes", "",
         f"Input fields at {card['pixel_sizes_um']['input']} um/px; Mdet runs at "
         f"{card['pixel_sizes_um']['mdet']} um/px (the field shrunk 2x), Mclass scores 112 px "
@@ -234,6 +259,26 @@ def card_markdown(card: dict) -> str:
         lines += ["", f"Reference on the sample field `{ref['image']}`: {ref['candidates']} "
                       f"candidates, {len(ref['accepted'])} accepted (listed in card.json)."]
     return "\n".join(lines) + "\n"
+
+
+def _extra_data_markdown(card: dict) -> list[str]:
+    """The second training set and the held-out-scanner estimates (empty without them)."""
+    lines = []
+    extra = card["data"].get("extra")
+    if extra:
+        lines += [f"{extra['name']}: {extra['crops']} crops of mitoses from "
+                  f"{', '.join(extra['scanners'])}, in Mclass's batches only. Licence: "
+                  f"{extra['licence']}.", "", f"Cite: {extra['citation']}", ""]
+    scanners = card.get("scanners")
+    if scanners:
+        lines += ["## Other scanners", "", scanners["protocol"], "",
+                  "| held-out scanner | crops | recall | false positives per crop |",
+                  "|---|---:|---:|---:|"]
+        for name, row in sorted(scanners["held_out"].items()):
+            lines.append(f"| {name} | {row['crops']} | {row['recall']:.3f} | "
+                         f"{row['fp_per_crop']:.3f} |")
+        lines.append("")
+    return lines
 
 
 def _domain_markdown(block: dict | None) -> list[str]:

@@ -1,5 +1,10 @@
 """The cascade over one whole slide, tile by tile, resumable; :func:`run_slides` for several.
 
+The tiles are planned, read, run and assembled by the engine
+(:mod:`focas_keras.inference.engine`: :func:`plan_tiles`, :func:`read_tile`, :func:`run_tile`,
+:func:`assemble`); this module adds the journal, the read-ahead, retries, per-tile failures
+and the slide's outputs (:func:`finish_slide`).
+
 Stage 1 tiles the slide in Mdet's pixels with the very :class:`~focas_keras.inference.tiling.
 TileGrid` that ``detect --tile`` uses (origins, centre ownership, mirrored padding where the
 slide is shorter than a tile) and merges the tiles' owned candidates with the same
@@ -38,10 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from focas_keras.errors import InputError
-from focas_keras.inference.tiling import TileGrid, merge_candidates, pad_to_tile
+from focas_keras.inference.engine import TilePlan, assemble, plan_tiles, read_tile, run_tile
 from focas_keras.slides import hotspot as hs
 
 JOURNAL = "tiles.jsonl"
@@ -122,47 +126,6 @@ class SlideSettings:
         return float(self.hotspot_mm2)
 
 
-@dataclasses.dataclass(frozen=True)
-class StageView:
-    """One stage's view of a slide: the level it reads and the slide's size in its pixels.
-
-    Attributes:
-        mpp: the stage's pixel size, um/px.
-        level: the pyramid level read; level_mpp its pixel size.
-        width, height: the slide in the stage's pixels (as ``detect`` would resize it).
-    """
-
-    mpp: float
-    level: int
-    level_mpp: float
-    width: int
-    height: int
-
-    @classmethod
-    def of(cls, reader, stage_mpp: float) -> StageView:
-        from focas_keras.inference.resize import scaled_size
-
-        level = reader.level_for_mpp(stage_mpp)
-        height, width = scaled_size(reader.height, reader.width, reader.mpp / stage_mpp)
-        return cls(float(stage_mpp), level, reader.level_mpp(level), width, height)
-
-    def read(self, reader, x0: int, y0: int, width: int, height: int) -> np.ndarray:
-        """The stage-pixel rectangle ``[x0, x0 + width) x [y0, y0 + height)`` (inside the slide)
-        as uint8 (height, width, 3): read from :attr:`level`, resized to the stage's pixels."""
-        from focas_keras.inference.resize import resize_to
-
-        level_w, level_h = reader.level_dimensions[self.level]
-        down = reader.level_downsamples[self.level]
-        # stage px -> level px along each axis, with the slide's exact side ratios
-        fx, fy = level_w / self.width, level_h / self.height
-        lx0, ly0 = int(round(x0 * fx)), int(round(y0 * fy))
-        lx1 = min(level_w, max(lx0 + 1, int(round((x0 + width) * fx))))
-        ly1 = min(level_h, max(ly0 + 1, int(round((y0 + height) * fy))))
-        region = reader.read(int(round(lx0 * down)), int(round(ly0 * down)), lx1 - lx0,
-                             ly1 - ly0, self.level)
-        return resize_to(region, height, width)
-
-
 def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -223,75 +186,6 @@ class Journal:
             os.fsync(handle.fileno())
 
 
-def _read_tile(reader, det: StageView, cls: StageView, grid: TileGrid, cell, patch: int):
-    """Stage 1's tile (uint8 (tile, tile, 3)) and stage 2's region around it (uint8, with its
-    stage-2 origin): what a prefetch thread reads."""
-    tile = grid.tile
-    x0, y0 = grid.origin(cell)
-    width, height = min(tile, det.width - x0), min(tile, det.height - y0)
-    pixels = det.read(reader, x0, y0, width, height)
-    if (height, width) != (tile, tile):  # a slide side shorter than a tile: mirrored
-        pixels = pad_to_tile(pixels, tile)
-    # Stage 2: the tile's footprint in its pixels plus half a crop, clipped to the slide.
-    sx, sy = cls.width / det.width, cls.height / det.height
-    margin = patch // 2 + 2
-    cx0 = max(0, int(math.floor(x0 * sx)) - margin)
-    cy0 = max(0, int(math.floor(y0 * sy)) - margin)
-    cx1 = min(cls.width, int(math.ceil((x0 + width) * sx)) + margin)
-    cy1 = min(cls.height, int(math.ceil((y0 + height) * sy)) + margin)
-    region = cls.read(reader, cx0, cy0, cx1 - cx0, cy1 - cy0)
-    return pixels, region, (cx0, cy0)
-
-
-def _tile_record(cascade, reader, det, cls, grid, cell, pixels, region, origin) -> dict:
-    """Both stages on one tile: its owned candidates in level-0 px with their scores."""
-    tile_cap = cascade.candidate_cap(grid.tile, grid.tile)
-    batch = pixels[None].astype(np.float32) / 255.0
-    boxes, scores, full = cascade._detect_capped(batch, tile_cap, grid.valid)[0]
-    boxes, scores = grid.keep(cell, boxes, scores)
-    keep = scores >= cascade.det_threshold
-    boxes, scores = boxes[keep], scores[keep]
-    sx, sy = cls.width / det.width, cls.height / det.height
-    cls_boxes = boxes.astype(np.float64) * np.array([sx, sy, sx, sy])
-    cls_boxes -= np.array([origin[0], origin[1], origin[0], origin[1]], np.float64)
-    cls_scores = (cascade._stage2_model(region, cls_boxes) if len(boxes)
-                  else np.zeros((0,), np.float32))
-    to0 = np.array([reader.width / det.width, reader.height / det.height] * 2)
-    boxes0 = boxes.astype(np.float64) * to0
-    return {"cell": list(cell), "status": "done", "at_cap": bool(full),
-            "boxes": [[float(v) for v in b] for b in boxes0],
-            "det": [float(v) for v in scores], "cls": [float(v) for v in cls_scores]}
-
-
-def _assemble(cascade, reader, det: StageView, records) -> pd.DataFrame:
-    """The slide's candidates from its tiles' records: :func:`merge_candidates` in level-0 px,
-    then acceptance and the point merge, as :meth:`Cascade.run` does."""
-    from focas_keras.inference.cascade import RESULT_COLUMNS, merge_points
-
-    found, cls_all = [], []
-    for record in records:
-        if record.get("status") != "done":
-            continue
-        found.append((np.asarray(record["boxes"], np.float32).reshape(-1, 4),
-                      np.asarray(record["det"], np.float32)))
-        cls_all.append(np.asarray(record["cls"], np.float64))
-    cap = cascade.candidate_cap(det.height, det.width)
-    boxes, det_scores, _, index = merge_candidates(
-        found, reader.height, reader.width, cascade.det_threshold, cascade.nms_iou, cap)
-    cls_scores = np.concatenate(cls_all + [np.zeros((0,))])[index]
-    order = np.argsort(-det_scores, kind="stable")
-    boxes = boxes[order].astype(np.float64)
-    det_scores, cls_scores = det_scores[order], cls_scores[order]
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0
-    # merge_px is in the cascade's input pixels (settings.mpp): the same distance in um
-    radius = cascade.settings.merge_px * cascade.settings.mpp / reader.mpp
-    accepted = merge_points(centres, cls_scores, cls_scores >= cascade.cls_threshold, radius)
-    return pd.DataFrame({
-        "x": centres[:, 0], "y": centres[:, 1], "x1": boxes[:, 0], "y1": boxes[:, 1],
-        "x2": boxes[:, 2], "y2": boxes[:, 3], "det_score": det_scores.astype(np.float64),
-        "cls_score": cls_scores, "accepted": accepted}, columns=RESULT_COLUMNS)
-
-
 def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(),
               model: dict | None = None, progress: bool = True, overwrite: bool = False,
               warn=None, _after_tile=None) -> dict:
@@ -324,35 +218,19 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
     warn = warn or _stderr
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    det, cls = StageView.of(reader, cascade.det_mpp), StageView.of(reader, cascade.cls_mpp)
-    grid = TileGrid(det.height, det.width, settings.tile, settings.overlap)
     try:
         tissue = tissue_map(reader, settings.tissue_mpp, detect=settings.tissue_mask)
     except SlideReadError as error:
         raise InputError(f"cannot read the slide's overview for the tissue mask ({error})",
                          reader.path) from None
-    header = {"slide": {"name": reader.name, "size": [reader.width, reader.height],
-                        "mpp": reader.mpp},
-              "det": dataclasses.asdict(det), "cls": dataclasses.asdict(cls),
-              "tile": settings.tile, "overlap": settings.overlap,
-              "tissue": [settings.tissue_mask, settings.min_tissue, settings.tissue_mpp],
-              "stage1": {"det_threshold": cascade.det_threshold, "nms_iou": cascade.nms_iou,
-                         "per_mm2": cascade.settings.max_candidates_per_mm2},
-              "stage2": {"patch": cascade.patch, "tta": bool(cascade.settings.tta)},
-              "model": _key(model or {})}
-    journal = Journal(out_dir / JOURNAL, header)
+    plan = plan_tiles(reader, cascade.det_mpp, cascade.cls_mpp, cascade.patch, settings.tile,
+                      settings.overlap, tissue,
+                      settings.min_tissue if settings.tissue_mask else 0.0)
+    journal = Journal(out_dir / JOURNAL, journal_header(cascade, plan, settings, model))
     done = journal.load(overwrite=overwrite)
-    to0 = (reader.width / det.width, reader.height / det.height)
-
-    def footprint_tissue(cell) -> float:
-        x0, y0 = grid.origin(cell)
-        x1, y1 = min(x0 + grid.tile, det.width), min(y0 + grid.tile, det.height)
-        return tissue.fraction(x0 * to0[0], y0 * to0[1], x1 * to0[0], y1 * to0[1])
-
-    cells = grid.cells()
-    todo = [c for c in cells if c not in done]
+    todo = [c for c in plan.cells if c not in done]
     failed = {}
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=reader.name,
+    bar = tqdm(total=len(plan.cells), initial=len(plan.cells) - len(todo), desc=reader.name,
                unit="tile", disable=not progress, dynamic_ncols=True)
     finished = 0
     try:
@@ -362,30 +240,29 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
 
             def submit() -> None:
                 for cell in pending:
-                    share = footprint_tissue(cell)
-                    if settings.tissue_mask and share < settings.min_tissue:
-                        queue.append((cell, share, None))
+                    if cell in plan.skip:
+                        queue.append((cell, None))
                     else:
-                        queue.append((cell, share, pool.submit(
-                            _read_tile, reader, det, cls, grid, cell, cascade.patch)))
+                        queue.append((cell, pool.submit(read_tile, reader, plan, cell)))
                         return
 
             def recover(entries):
                 """OpenSlide refuses every read after an error: let the reads in flight end,
                 reopen the slide, and read again those that failed."""
                 for entry in entries:
-                    if entry[2] is not None:
-                        entry[2].exception()
+                    if entry[1] is not None:
+                        entry[1].exception()
                 reader.reopen()
                 return collections.deque(
-                    (c, sh, f if f is None or f.exception() is None else
-                     pool.submit(_read_tile, reader, det, cls, grid, c, cascade.patch))
-                    for c, sh, f in entries)
+                    (c, f if f is None or f.exception() is None else
+                     pool.submit(read_tile, reader, plan, c))
+                    for c, f in entries)
 
             for _ in range(settings.prefetch):
                 submit()
             while queue:
-                cell, share, future = queue.popleft()
+                cell, future = queue.popleft()
+                share = plan.tissue[cell]
                 if future is None:
                     record = {"cell": list(cell), "status": "skipped",
                               "tissue": round(share, 4)}
@@ -396,13 +273,11 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
                             pixels, region, origin = future.result()
                         except SlideReadError:
                             queue = recover(queue)
-                            pixels, region, origin = _read_tile(reader, det, cls, grid, cell,
-                                                                cascade.patch)
+                            pixels, region, origin = read_tile(reader, plan, cell)
                     except SlideReadError as error:
                         queue = recover(queue)
-                        x0, y0 = grid.origin(cell)
-                        where = (f"tile ({cell[0]}, {cell[1]}) at x={round(x0 * to0[0])}, "
-                                 f"y={round(y0 * to0[1])} (level-0 px)")
+                        x0, y0 = plan.level0_origin(cell)
+                        where = (f"tile ({cell[0]}, {cell[1]}) at x={x0}, y={y0} (level-0 px)")
                         if settings.on_tile_error == "fail":
                             raise InputError(f"{where} cannot be read ({error}); the "
                                              "finished tiles are kept for a rerun",
@@ -413,8 +288,7 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
                         record = {"cell": list(cell), "status": "unreadable",
                                   "error": str(error)}
                     else:
-                        record = _tile_record(cascade, reader, det, cls, grid, cell, pixels,
-                                              region, origin)
+                        record = run_tile(cascade, plan, cell, pixels, region, origin)
                         record["tissue"] = round(share, 4)
                 journal.append(record)
                 if record["status"] != "unreadable":
@@ -425,17 +299,44 @@ def run_slide(cascade, reader, out_dir, settings: SlideSettings = SlideSettings(
                     _after_tile(finished)
     finally:
         bar.close()
-    records = [done[c] for c in cells if c in done]
-    table = _assemble(cascade, reader, det, records)
+    records = [done[c] for c in plan.cells if c in done]
+    table = assemble(cascade, plan, records)
     seconds = time.perf_counter() - start
-    return _finish(reader, out_dir, settings, table, records, failed, tissue, cascade,
-                   seconds)
+    return finish_slide(reader, out_dir, settings, table, records, failed, tissue, cascade,
+                        seconds)
 
 
-def _finish(reader, out_dir, settings, table, records, failed, tissue, cascade,
-            seconds) -> dict:
+def journal_header(cascade, plan: TilePlan, settings: SlideSettings,
+                   model: dict | None = None) -> dict:
+    """What a slide's tiles depend on (the slide, each stage's view, the tiling, tissue and
+    stage settings, the models' key): the first line of its journal; a journal with another
+    header belongs to another run."""
+    return {"slide": {"name": plan.name, "size": list(plan.size), "mpp": plan.mpp},
+            "det": dataclasses.asdict(plan.det), "cls": dataclasses.asdict(plan.cls),
+            "tile": settings.tile, "overlap": settings.overlap,
+            "tissue": [settings.tissue_mask, settings.min_tissue, settings.tissue_mpp],
+            "stage1": {"det_threshold": cascade.det_threshold, "nms_iou": cascade.nms_iou,
+                       "per_mm2": cascade.settings.max_candidates_per_mm2},
+            "stage2": {"patch": cascade.patch, "tta": bool(cascade.settings.tta)},
+            "model": _key(model or {})}
+
+
+def finish_slide(reader, out_dir, settings, table, records, failed, tissue, cascade,
+                 seconds) -> dict:
     """Counting, hotspot, domain checks, score, and every output file of one slide
-    (summary.json last).
+    (summary.json last); returns the summary.
+
+    Args:
+        reader: the open slide (:class:`~focas_keras.slides.reader.SlideReader`).
+        out_dir: the slide's output directory.
+        settings: the :class:`SlideSettings`.
+        table: :func:`~focas_keras.inference.engine.assemble`'s table (level-0 px).
+        records: every tile's record (``done`` or ``skipped``; unreadable ones are in
+            ``failed``).
+        failed: ``{cell: error}`` of the tiles that could not be read.
+        tissue: the slide's :class:`~focas_keras.slides.tissue.TissueMap`.
+        cascade: the cascade that ran (its pixel sizes and thresholds are reported).
+        seconds: the slide's wall time.
 
     One rule: only accepted detections inside the tissue mask are counted (the slide's
     mitoses, per mm2 of tissue, and the hotspot); the others stay in ``detections.csv`` with

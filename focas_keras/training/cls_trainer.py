@@ -125,7 +125,7 @@ def cascade_validator(candidates: dict, size: int, batch_size: int = 256):
     """A ``model -> metrics`` function: the cascade's best-F1 threshold pair on the whole
     validation fields, from Mclass's scores of their stage-1 candidates with the point merge
     (:func:`focas_keras.evaluation.fields.cascade_metrics`)."""
-    from data_tools.annotations import ICPR2012_MPP
+    from focas_keras.datasets.annotations import ICPR2012_MPP
     from focas_keras.evaluation.fields import candidate_table, cascade_metrics
     from focas_keras.models.mclass import predict_proba
 

@@ -10,7 +10,6 @@ run would.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 import time
@@ -21,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from focas_keras import __version__
+from focas_keras import __version__, runs
 from focas_keras.errors import InputError
 from focas_keras.io import write_json_atomic
 from focas_keras.training.run_dir import CsvLog, claim_run_dir, save_model_atomic
@@ -116,7 +115,7 @@ def _run(spec: LoopSpec, run_dir: Path, devices, log) -> dict:
     resuming = claim_run_dir(run_dir, spec.identity) if chief else False
     write_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="focas-worker-"))
     if chief:
-        (run_dir / "config.json").write_text(spec.config_json + "\n", encoding="utf-8")
+        (run_dir / runs.CONFIG_FILE).write_text(spec.config_json + "\n", encoding="utf-8")
 
     with strategy.scope():
         model = spec.build_model()
@@ -150,8 +149,9 @@ def _run(spec: LoopSpec, run_dir: Path, devices, log) -> dict:
 
     writer = tf.summary.create_file_writer(str(write_dir / "logs"))
     csv_log = CsvLog(write_dir / "log.csv")
-    best_path = write_dir / "best.json"
-    best = json.loads(best_path.read_text())["score"] if best_path.is_file() else -math.inf
+    best_path = write_dir / runs.BEST_FILE
+    best = runs.best_score(write_dir)
+    best = -math.inf if best is None else best
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     metrics = {}
@@ -185,14 +185,14 @@ def _run(spec: LoopSpec, run_dir: Path, devices, log) -> dict:
         score = spec.score(metrics)
         if chief and score > best:
             best = score
-            save_model_atomic(model, write_dir / "best.keras")
+            save_model_atomic(model, write_dir / f"{runs.BEST}.keras")
             write_json_atomic(best_path, {"score": score, "metrics": metrics})
         log(f"epoch {epoch + 1}/{t.epochs}: {spec.describe(metrics)} "
             f"({metrics['seconds']:.0f} s)")
     if not chief:
         return {"last": metrics}
-    save_model_atomic(model, run_dir / "model.keras")
+    save_model_atomic(model, run_dir / f"{runs.FINAL}.keras")
     final = {"package_version": __version__, "epochs": t.epochs, "last": metrics,
-             "best": json.loads(best_path.read_text()) if best_path.is_file() else None}
-    write_json_atomic(run_dir / "metrics.json", final)
+             "best": runs.read_json(best_path) if best_path.is_file() else None}
+    write_json_atomic(run_dir / runs.METRICS_FILE, final)
     return final

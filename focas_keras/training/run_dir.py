@@ -11,8 +11,7 @@ import keras
 
 from focas_keras.errors import InputError
 from focas_keras.io import write_json_atomic
-
-RUN_FILE = "run.json"
+from focas_keras.runs import RUN_FILE, read_identity
 
 
 def claim_run_dir(run_dir, identity: dict) -> bool:
@@ -29,12 +28,8 @@ def claim_run_dir(run_dir, identity: dict) -> bool:
         InputError: the directory holds another run, or files that are not a run.
     """
     run_dir = Path(run_dir)
-    path = run_dir / RUN_FILE
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise InputError(f"invalid JSON: {err.msg}", path, err.lineno) from None
+    saved = read_identity(run_dir)
+    if saved is not None:
         if saved != json.loads(json.dumps(identity)):
             differing = sorted(k for k in set(saved) | set(identity)
                                if saved.get(k) != json.loads(json.dumps(identity.get(k))))
@@ -45,7 +40,7 @@ def claim_run_dir(run_dir, identity: dict) -> bool:
         raise InputError("output directory is not empty and holds no run.json; choose another "
                          "--out", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, identity)
+    write_json_atomic(run_dir / RUN_FILE, identity)
     return False
 
 

@@ -19,12 +19,12 @@ import csv
 import math
 from pathlib import Path
 
-from data_tools.annotations import (
+from focas_keras.datasets.annotations import (
     HARD_NEGATIVE, ICPR2012_MPP, IMAGE_EXTENSIONS, MITOSIS, AnnotationSet, check_inside,
     clip_box, image_size, make_annotation_table, make_images_table, object_from_centroid,
     slide_from_stem)
-from data_tools.readers.coco import LABEL_NAMES, normalize_name
-from data_tools.readers.gzmh import gzmh_slide_id
+from focas_keras.datasets.readers.coco import LABEL_NAMES, normalize_name
+from focas_keras.datasets.readers.gzmh import gzmh_slide_id
 from focas_keras.errors import InputError
 
 REQUIRED_COLUMNS = ("image", "x", "y")
@@ -176,7 +176,7 @@ def read_csv_table(csv_path, image_root=None, mpp: float = ICPR2012_MPP,
             ``_`` or ``-``).
 
     Returns:
-        The :class:`~data_tools.annotations.AnnotationSet` of the images named in the CSV.
+        The :class:`~focas_keras.datasets.annotations.AnnotationSet` of the images named in the CSV.
 
     Raises:
         InputError: (with file and line) missing header columns, non-numeric or out-of-image

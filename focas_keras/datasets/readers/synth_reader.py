@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_tools.annotations import (
+from focas_keras.datasets.annotations import (
     ANNOTATION_COLUMNS, HARD_NEGATIVE, ICPR2012_MPP, AnnotationSet, make_annotation_table)
-from data_tools.readers.icpr2012 import read_icpr2012
+from focas_keras.datasets.readers.icpr2012 import read_icpr2012
 from focas_keras.errors import InputError
 
 HARD_NEGATIVE_COLUMNS = ("image", "x", "y", "x1", "y1", "x2", "y2")
@@ -19,11 +19,11 @@ def read_synth(root, mpp: float = ICPR2012_MPP) -> AnnotationSet:
     """Reads a synthetic dataset: mitoses from the ICPR CSVs, look-alikes as hard negatives.
 
     Args:
-        root: directory written by :func:`data_tools.synth.write_dataset`.
+        root: directory written by :func:`focas_keras.datasets.synth.write_dataset`.
         mpp: pixel size in um/px.
 
     Returns:
-        An :class:`~data_tools.annotations.AnnotationSet` with ``mitosis`` and
+        An :class:`~focas_keras.datasets.annotations.AnnotationSet` with ``mitosis`` and
         ``hard_negative`` rows.
     """
     root = Path(root)

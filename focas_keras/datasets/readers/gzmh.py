@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data_tools.annotations import (
+from focas_keras.datasets.annotations import (
     ICPR2012_MPP, MITOSIS, AnnotationSet, image_size, list_images, load_image,
     make_annotation_table, make_images_table, object_from_pixels)
 from focas_keras.errors import InputError
@@ -68,7 +68,7 @@ def mask_objects(foreground: np.ndarray, min_area: int = 10) -> list[dict]:
 
     Returns:
         One dict per kept component, as from
-        :func:`~data_tools.annotations.object_from_pixels` (centroid, box, pixel list).
+        :func:`~focas_keras.datasets.annotations.object_from_pixels` (centroid, box, pixel list).
     """
     binary = np.ascontiguousarray(foreground, dtype=np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
@@ -100,7 +100,7 @@ def read_gzmh(root, mpp: float = ICPR2012_MPP, min_area: int = 10) -> Annotation
         min_area: smallest connected component counted as a mitosis, in pixels.
 
     Returns:
-        The :class:`~data_tools.annotations.AnnotationSet`; every object is a ``mitosis``
+        The :class:`~focas_keras.datasets.annotations.AnnotationSet`; every object is a ``mitosis``
         with its pixel list, and images whose mask is empty are listed without objects.
 
     Raises:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.annotations import (
+from focas_keras.datasets.annotations import (
     ICPR2012_MPP, MITOSIS, AnnotationSet, check_inside, clip_box, image_size, list_images,
     make_annotation_table, make_images_table, object_from_centroid, object_from_pixels,
     slide_from_stem)
@@ -28,7 +28,7 @@ def parse_icpr_csv(csv_path, box_size: float = 40.0) -> list[tuple[int, dict]]:
 
     Returns:
         ``(line_number, object)`` pairs, ``object`` as from
-        :func:`~data_tools.annotations.object_from_pixels` (or ``..._from_centroid``).
+        :func:`~focas_keras.datasets.annotations.object_from_pixels` (or ``..._from_centroid``).
         An empty file gives an empty list (an image with no mitosis).
     """
     csv_path = Path(csv_path)
@@ -85,7 +85,7 @@ def read_icpr2012(root, mpp: float = ICPR2012_MPP, box_size: float = 40.0,
         label: label given to every object.
 
     Returns:
-        The :class:`~data_tools.annotations.AnnotationSet`.
+        The :class:`~focas_keras.datasets.annotations.AnnotationSet`.
     """
     root = Path(root)
     if not root.is_dir():

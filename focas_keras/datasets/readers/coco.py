@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from data_tools.annotations import (
+from focas_keras.datasets.annotations import (
     HARD_NEGATIVE, MITOSIS, AnnotationSet, clip_box, make_annotation_table,
     make_images_table)
 from focas_keras.errors import InputError
@@ -192,7 +192,7 @@ def read_coco(json_path, image_root=None, mpp: float = 0.25,
         bbox_format: ``xywh`` (COCO ``[x, y, w, h]``) or ``xyxy`` (``[x1, y1, x2, y2]``).
 
     Returns:
-        The :class:`~data_tools.annotations.AnnotationSet` (all images, with or without
+        The :class:`~focas_keras.datasets.annotations.AnnotationSet` (all images, with or without
         annotations; no pixel lists).
 
     Raises:

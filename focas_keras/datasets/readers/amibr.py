@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.annotations import (
+from focas_keras.datasets.annotations import (
     MITOSIS, AnnotationSet, clip_box, image_size, make_annotation_table, make_images_table,
     object_from_centroid)
 from focas_keras.errors import InputError
@@ -140,7 +140,7 @@ def read_amibr(root, mpp: float | None = None, box_um: float = BOX_UM,
             be 128 x 128 and only checks that they exist (fast, for evaluation listings).
 
     Returns:
-        The :class:`~data_tools.annotations.AnnotationSet`; its images table carries
+        The :class:`~focas_keras.datasets.annotations.AnnotationSet`; its images table carries
         ``scanner`` and ``dataset`` columns.
 
     Raises:
