@@ -50,7 +50,7 @@ class CohortJob:
     finest_mpp: float | None = None
     mpp: float | None = None
     overwrite: bool = False
-    batch_size: int = 4
+    batch_size: int = 1
 
     def __post_init__(self):
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
@@ -259,7 +259,7 @@ def finish_work(job: CohortJob, work: SlideWork, results) -> dict:
 
 def cohort_job(out, det=None, cls=None, thresholds=None, *, which: str = "best", tta=None,
                settings=None, mpp: float | None = None, overwrite: bool = False,
-               batch_size: int = 4, **cascade_settings) -> CohortJob:
+               batch_size: int = 1, **cascade_settings) -> CohortJob:
     """A :class:`CohortJob` from ``load_cascade``'s arguments and the slide settings, checked
     before any worker starts (no model loads here).
 

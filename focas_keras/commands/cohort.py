@@ -25,8 +25,10 @@ def _split(arguments) -> tuple[list[str], list[str]]:
                    "other Beam options pass through as --name=value.")
 @click.option("--workers", type=int, default=None,
               help="DirectRunner worker processes (default: the CPU count).")
-@click.option("--batch-size", type=int, default=4, show_default=True,
-              help="Most tiles per RunInference batch.")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="Most tiles per RunInference batch (one Mdet call). 1 is fastest on CPU "
+                   "workers (each new batch size traces the detector again); raise it for "
+                   "GPU workers.")
 @click.option("--mpp", type=float, default=None,
               help="Level-0 pixel size (um/px) of every slide, overriding their own.")
 @_slide_options
