@@ -312,3 +312,41 @@ def test_real_detector_run(prepared, tmp_path):
     recs = pipeline.read_records(out, records.CLS, "train")
     assert manifest["splits"]["train"]["cls"]["records"] == len(recs)
     assert sum(r["source"].decode() == "mined" for r in recs) == mining["false_positives"]
+
+
+def test_loaded_run_mines_what_the_engine_detects(prepared, tmp_path):
+    """Mining through the engine: the mined centres of a training image are exactly stage 1
+    of the cascade that ``detect`` builds from the same run (load_stage1), and its scores."""
+    import keras
+
+    from focas_keras.inference import load_stage1
+    from focas_keras.models.mdet import build_mdet
+    from focas_keras.models.mdet_config import preset
+
+    root, _, out = prepared
+    config = preset("tiny")
+    run = tmp_path / "run"
+    run.mkdir()
+    keras.utils.set_random_seed(1)
+    build_mdet(config).save(run / "model.keras")
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    # An untrained tiny Mdet scores every anchor near its prior: a low threshold keeps some.
+    mining = mine_hard_negatives(run, root, "icpr2012", out, keep_true_positives=True,
+                                 score_threshold=0.001)
+    recs = pipeline.read_records(out, records.CLS, "train")
+    mined = [r for r in recs if r["source"].decode() in ("mined", "mined_tp")]
+    assert mining["detections"] == len(mined) > 0
+    stage1 = load_stage1(run, det_threshold=0.001)
+    aset = read_dataset("icpr2012", root)
+    images = aset.images.set_index("image_id")
+    for image_id in sorted({r["image_id"].decode() for r in mined}):
+        image = load_image(images.loc[image_id].image_path)
+        boxes, scores = stage1.stage1(image)
+        centres = np.round((boxes[:, :2] + boxes[:, 2:]) / 2.0).astype(int)
+        got = sorted((tuple(int(v) for v in r["center"]), round(float(r["score"]), 5))
+                     for r in mined if r["image_id"].decode() == image_id)
+        want = sorted(((int(x), int(y)), round(float(s), 5))
+                      for (x, y), s in zip(centres, scores))
+        assert got == want
+    with pytest.raises(ValueError, match="stage 1 only"):
+        stage1.classify_patches(np.zeros((1, 32, 32, 3), np.uint8))

@@ -22,7 +22,6 @@ import dataclasses
 import math
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 
@@ -195,7 +194,8 @@ class Cascade:
 
     Args:
         det_model, det_config: Mdet and its :class:`MdetConfig`.
-        cls_model, cls_config: Mclass and its :class:`MclassConfig`.
+        cls_model, cls_config: Mclass and its :class:`MclassConfig`; both None for stage 1
+            only (:func:`~focas_keras.inference.loading.load_stage1`, what ``mine`` runs).
         settings: how to run.
         cls_threshold_default: the acceptance threshold when ``settings.cls_threshold`` is None
             (e.g. the run's validation-best threshold).
@@ -240,7 +240,10 @@ class Cascade:
         self.cls_threshold = float(cls_threshold_default if s.cls_threshold is None
                                    else s.cls_threshold)
         self.nms_iou = float(inference.nms_iou if s.nms_iou is None else s.nms_iou)
-        self.patch = int(cls_config.crop_size if s.patch is None else s.patch)
+        if s.patch is not None:
+            self.patch = int(s.patch)
+        else:
+            self.patch = None if cls_config is None else int(cls_config.crop_size)
         self._detectors = {}  # {(max_detections, top-k): Detector}, one per call size
         self.stage1_info = None
 
@@ -305,6 +308,8 @@ class Cascade:
     def classify_patches(self, patches: np.ndarray) -> np.ndarray:
         """Mclass itself: probabilities (float (N,)) of uint8 [N, P, P, 3] crops (averaged over
         the 8 dihedral transforms when ``settings.tta``); tests override it with a fake."""
+        if self.cls_model is None:
+            raise ValueError("this cascade has stage 1 only (no Mclass)")
         predict = predict_proba_tta if self.settings.tta else predict_proba
         return predict(self.cls_model, patches, self.cls_config.model.input_size,
                        self.settings.cls_batch)

@@ -194,6 +194,40 @@ def load_cascade(det=None, cls=None, thresholds=None, *, which: str = "best", tt
     return cascade
 
 
+def load_stage1(det, *, which: str = "model", **settings):
+    """Stage 1 alone, from a ``train-det`` run: what ``mine`` runs on whole training images.
+
+    The returned cascade's :meth:`~focas_keras.inference.cascade.Cascade.stage1` and
+    :meth:`~focas_keras.inference.cascade.Cascade.detect_resized` run Mdet exactly as in
+    :func:`load_cascade`'s cascade (the engine's
+    :func:`~focas_keras.inference.engine.detect_field`); its stage 2 raises.
+
+    Args:
+        det: the ``train-det`` run directory.
+        which: ``model`` (final weights) or ``best``.
+        **settings: :class:`~focas_keras.inference.cascade.CascadeSettings` fields; an
+            unset ``det_threshold`` is the run config's ``inference.score_threshold`` (every
+            candidate, not the run's validation-chosen threshold) and an unset ``det_mpp``
+            the run's training pixel size.
+
+    Raises:
+        InputError: an unknown setting, a bad value, or a missing, incomplete or other-kind
+            run.
+    """
+    from focas_keras.inference.cascade import Cascade, CascadeSettings
+    from focas_keras.models.fold import fold_weight_standardization
+    from focas_keras.runs import load_mdet_run, run_data_mpp
+
+    known = {f.name for f in dataclasses.fields(CascadeSettings)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise InputError(f"unknown cascade setting(s): {', '.join(unknown)}")
+    model, config = load_mdet_run(det, which)
+    given = {k: v for k, v in settings.items() if v is not None}
+    return Cascade(fold_weight_standardization(model), config, None, None,
+                   CascadeSettings(**given), det_mpp_default=run_data_mpp(det))
+
+
 def _warn(warn, message: str) -> None:
     if warn is not None:
         warn(message)

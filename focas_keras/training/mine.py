@@ -1,7 +1,8 @@
 """``mine_hard_negatives``: stage 1's candidates on whole images -> Mclass patches.
 
-Mdet runs on every whole TRAINING image of a prepared shard directory, as ``detect`` runs it
-(all candidates at its threshold, capped per mm2). Detections farther than ``radius`` px from
+Mdet runs on every whole TRAINING image of a prepared shard directory through the inference
+engine, as ``detect`` runs stage 1 (all candidates at the run's own score threshold, capped per
+mm2; :func:`~focas_keras.inference.loading.load_stage1`). Detections farther than ``radius`` px from
 every annotated mitosis become label-0 patches (source ``mined``); optionally the detections
 near a mitosis become label-1 patches (source ``mined_tp``). They go to new cls shards of split
 ``train``, so the training pipeline reads them with the prepared patches. Validation images
@@ -16,6 +17,7 @@ failure at any point leaves a valid manifest whose shards all exist and verify.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -77,29 +79,32 @@ def _box_centres(boxes, width: int, height: int) -> np.ndarray:
 
 
 def _make_detector(det_run, score_threshold, per_mm2):
-    """``(image, image_mpp, det_mpp) -> (boxes, scores)`` for a train-det run, as stage 1 of
-    ``detect`` runs on a whole image: at most ``per_mm2`` candidates per mm2 (None: the run's
-    per-call cap); plus the threshold used and the run's pixel size."""
-    from focas_keras.inference.cascade import candidate_cap
-    from focas_keras.models.mdet import Detector
-    from focas_keras.runs import load_mdet_run, run_data_mpp
+    """``(image, image_mpp, det_mpp) -> (boxes, scores)`` for a train-det run: stage 1 of the
+    inference engine (:func:`~focas_keras.inference.engine.detect_field`, as ``detect`` runs
+    it) on an image already in Mdet's pixels, at most ``per_mm2`` candidates per mm2 of the
+    pixel size it runs at; plus the threshold used and the run's pixel size."""
+    from focas_keras.inference.cascade import Cascade
+    from focas_keras.inference.loading import load_stage1
+    from focas_keras.runs import run_data_mpp
 
     if det_run is None:
         raise InputError("no detector run given")
-    model, config = load_mdet_run(det_run)
-    threshold = config.inference.score_threshold if score_threshold is None else score_threshold
-    detectors = {}
+    base = load_stage1(det_run, det_threshold=score_threshold,
+                       max_candidates_per_mm2=per_mm2)
+    cascades = {base.det_mpp: base}
 
     def detect(image, image_mpp, det_mpp):
-        cap = None
         mpp = det_mpp if det_mpp is not None else image_mpp
-        if per_mm2 is not None and mpp is not None and np.isfinite(mpp):
-            cap = candidate_cap(image.shape[0], image.shape[1], float(mpp), per_mm2)
-        if cap not in detectors:
-            detectors[cap] = Detector(model, config, threshold, max_detections=cap)
-        return detectors[cap].detect_image(image)
+        if mpp is None or not np.isfinite(mpp):
+            mpp = base.det_mpp  # as detect: ICPR 2012's pixel size when nothing says
+        cascade = cascades.get(float(mpp))
+        if cascade is None:  # a run trained on unrescaled images: caps at each image's mpp
+            settings = dataclasses.replace(base.settings, det_mpp=float(mpp))
+            cascade = Cascade(base.det_model, base.det_config, None, None, settings)
+            cascades[float(mpp)] = cascade
+        return cascade.detect_resized(image)
 
-    return detect, float(threshold), run_data_mpp(det_run)
+    return detect, float(base.det_threshold), run_data_mpp(det_run)
 
 
 def _detect_at(detector, image, image_mpp, det_mpp, image_id, takes_mpp=False):
@@ -164,7 +169,7 @@ def mine_hard_negatives(det_run, source, fmt, shard_dir, score_threshold=None,
             pixel size when the run was trained on unrescaled shards.
         include_val: also mine the validation images (see above).
         per_mm2: candidates per mm2 of image the loaded run may return (``detect``'s
-            ``--max-candidates-per-mm2``); ignored with ``detector``.
+            ``--max-candidates-per-mm2``, > 0); ignored with ``detector``.
 
     Returns:
         The ``mining`` summary, also stored in the manifest.
