@@ -63,7 +63,8 @@ def compare(args) -> None:
     print(f"before: {len(a['records'])} records ({a['seconds']} s); "
           f"after: {len(b['records'])} records ({b['seconds']} s)")
     images = sorted({r["image"] for r in a["records"] + b["records"]})
-    same = only_a = only_b = 0
+    same = 0
+    only_a, only_b = [], []
     score_diff, shift = [], []
     for image in images:
         ra = [r for r in a["records"] if r["image"] == image]
@@ -76,19 +77,24 @@ def compare(args) -> None:
                 if j not in used and d <= args.tolerance and (dist is None or d < dist):
                     best, dist = j, d
             if best is None:
-                only_a += 1
+                only_a.append(r)
             else:
                 used.add(best)
                 same += 1
                 score_diff.append(abs(r["score"] - rb[best]["score"]))
                 shift.append(dist)
-        only_b += len(rb) - len(used)
+        only_b += [s for j, s in enumerate(rb) if j not in used]
     for label in (0, 1):
         na = sum(r["label"] == label for r in a["records"])
         nb = sum(r["label"] == label for r in b["records"])
         print(f"label {label}: before {na}, after {nb}")
-    print(f"matched within {args.tolerance:g} px: {same}; only before: {only_a}; "
-          f"only after: {only_b}")
+    print(f"matched within {args.tolerance:g} px: {same}")
+    for name, rest in (("only before", only_a), ("only after", only_b)):
+        if rest:
+            scores = [r["score"] for r in rest]
+            print(f"{name}: {len(rest)} on {len({r['image'] for r in rest})} fields, "
+                  f"{sum(r['label'] for r in rest)} near a mitosis, scores "
+                  f"{min(scores):.4f}-{max(scores):.4f}")
     if score_diff:
         print(f"matched: largest score difference {max(score_diff):.2e}, "
               f"largest centre shift {max(shift):.2f} px")
