@@ -7,7 +7,11 @@ pipeline and worker start-up included). Peak memory is each process's VmHWM (Lin
 ``/proc/<pid>/status``), polled every 0.2 s over the command's process tree: the Beam
 launcher, its SDK worker processes, and ``slide``'s one process.
 
-    python experiments/bench_cohort.py --out /tmp/bench_cohort [--slides 2 --tiles 2]
+    python experiments/bench_cohort.py --out /tmp/bench_cohort [--slides 2 --tiles 2] \
+        [--repeats 3]
+
+With ``--repeats`` every configuration runs that many times, interleaved (slide, 1 worker,
+2 workers, slide, ...), and its median wall time is reported (all runs are listed).
 
 Slides are synthetic (pink tissue with dark blobs, 0.2456 um/px), each ``--tiles`` stage-1
 tiles of the bundled model (1024 px at 0.4912 um/px) wide and one tall.
@@ -113,28 +117,42 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--slides", type=int, default=2)
     parser.add_argument("--tiles", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each configuration, interleaved; the median is reported")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     slides = [make_slide(args.out / f"bench{i}.svs", args.tiles, seed=i)
               for i in range(args.slides)]
     names = [p.stem for p in slides]
     cli = [sys.executable, "-m", "focas_keras"]
-    configs = {"slide": cli + ["slide", *map(str, slides), "--out", str(args.out / "slide")]}
+    configs = {"slide": cli + ["slide", *map(str, slides), "--out", str(args.out / "slide"),
+                               "--overwrite"]}
     for workers in (1, 2):
         configs[f"beam_{workers}"] = cli + ["cohort", *map(str, slides), "--out",
                                             str(args.out / f"beam_{workers}"), "--workers",
                                             str(workers), "--overwrite"]
+    runs = {name: [] for name in configs}
+    for repeat in range(args.repeats):  # interleaved, so drift of the machine hits all alike
+        for name, command in configs.items():
+            result = run(command)
+            tiles, mm2 = totals(args.out / name, names)
+            result.update(tiles=tiles, tissue_mm2=round(mm2, 3))
+            runs[name].append(result)
+            print(name, repeat, json.dumps(result), flush=True)
     results = {}
-    for name, command in configs.items():
-        result = run(command)
-        tiles, mm2 = totals(args.out / name, names)
-        result.update(tiles=tiles, tissue_mm2=round(mm2, 3),
-                      tiles_per_s=round(tiles / result["seconds"], 4),
-                      s_per_mm2_tissue=round(result["seconds"] / mm2, 2))
+    for name, done in runs.items():
+        seconds = float(np.median([r["seconds"] for r in done]))
+        result = dict(done[0], seconds=round(seconds, 1),
+                      runs_seconds=[r["seconds"] for r in done],
+                      peak_mb_main=max(r["peak_mb_main"] for r in done),
+                      peak_mb_workers=max((r["peak_mb_workers"] for r in done),
+                                          key=lambda w: max(w, default=0)))
+        result.update(tiles_per_s=round(result["tiles"] / seconds, 4),
+                      s_per_mm2_tissue=round(seconds / result["tissue_mm2"], 2))
         results[name] = result
-        print(name, json.dumps(result), flush=True)
     overhead = results["beam_1"]["seconds"] / results["slide"]["seconds"] - 1.0
     report = {"slides": args.slides, "tiles_per_slide": args.tiles, "cpus": os.cpu_count(),
+              "repeats": args.repeats,
               "results": results, "overhead_beam1_vs_slide": round(overhead, 3)}
     (args.out / "bench_cohort.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

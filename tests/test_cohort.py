@@ -258,3 +258,55 @@ def test_remote_slide_and_output_through_beam_filesystems(tmp_path):
     assert json.loads((tmp_path / "out" / "r" / "summary.json").read_text())["path"] == uri
     (kind, row), ran = _run_steps(job, uri)
     assert kind == "done" and ran == 0
+
+
+def test_read_tile_reads_ahead_and_hands_on_every_task(tmp_path):
+    """ReadTile keeps ``prefetch`` reads queued and hands every task on, in order: read tiles
+    equal read_task's pixels, and a task of an unreadable slide goes to ``unreadable``, both
+    from process() and from finish_bundle() (windowed there, as Beam requires)."""
+    pytest.importorskip("apache_beam")
+    import dataclasses
+
+    from apache_beam.pvalue import TaggedOutput
+    from apache_beam.utils.windowed_value import WindowedValue
+    from test_slide_run import _fake, _slide, _tissue_image
+
+    from focas_keras.cohort import sources, work
+    from focas_keras.cohort.pipeline import ReadTile
+
+    cascade = _fake()
+    cascade.model_key = {"det": "d", "cls": "c"}
+    source = str(_slide(tmp_path, _tissue_image(), name="s"))
+    job = _fake_job(tmp_path / "beam", cascade)
+    _, _, tasks = work.plan_slide(job, source)
+    missing = dataclasses.replace(tasks[0], source=str(tmp_path / "gone.svs"))
+    order = tasks[:5] + [missing] + tasks[5:7] + [missing]
+    fn = ReadTile(job, prefetch=2)
+    fn.setup()
+    fn.start_bundle()
+    handed, during = [], []
+    for task in order:
+        out = list(fn.process(task))
+        during.append(len(out))
+        handed += out
+    assert during[:2] == [0, 0] and during[2:] == [1] * (len(order) - 2)
+    last = list(fn.finish_bundle())
+    fn.teardown()
+    assert len(last) == 2
+    assert isinstance(last[-1], TaggedOutput) and isinstance(last[-1].value, WindowedValue)
+    handed += [TaggedOutput(o.tag, o.value.value) if isinstance(o, TaggedOutput) else o.value
+               for o in last]
+    assert len(handed) == len(order)
+    with sources.open_source(source) as reader:
+        for task, out in zip(order, handed):
+            if task is missing:
+                assert out.tag == "unreadable"
+                slide, (record, _) = out.value
+                assert slide == task.slide and record["status"] == "unreadable"
+                assert record["cell"] == list(task.cell)
+                continue
+            assert out[0] == task
+            pixels, region, origin, _ = work.read_task(reader, task)
+            np.testing.assert_array_equal(out[1], pixels)
+            np.testing.assert_array_equal(out[2], region)
+            assert out[3] == origin

@@ -59,13 +59,26 @@ class PlanSlide(beam.DoFn):
 
 class ReadTile(beam.DoFn):
     """A tile task -> ``(task, pixels, region, origin, seconds)``; a tile that cannot be read
-    (twice) -> ``(slide, (unreadable record, seconds))`` on ``unreadable``."""
+    (twice) -> ``(slide, (unreadable record, seconds))`` on ``unreadable``.
 
-    def __init__(self, job: work.CohortJob):
-        self.job = job
+    Reads ahead as ``slide`` does: each task's read starts on a reading thread as soon as the
+    task arrives, and a read tile is handed on only once ``prefetch`` later reads are queued,
+    so the cascade runs on one tile while the next ones are read (the slide libraries and the
+    cascade release the GIL). The rest are handed on at the end of the bundle.
+    """
+
+    def __init__(self, job: work.CohortJob, prefetch: int = 2):
+        self.job, self.prefetch = job, int(prefetch)
 
     def setup(self):
+        from concurrent.futures import ThreadPoolExecutor
+
         self._readers = collections.OrderedDict()
+        # One thread: the readers (OpenSlide handles) are only ever touched by it.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-tile")
+
+    def start_bundle(self):
+        self._pending = collections.deque()
 
     def _reader(self, source: str):
         if source in self._readers:
@@ -76,17 +89,35 @@ class ReadTile(beam.DoFn):
         self._readers[source] = sources.open_source(source, self.job.mpp)
         return self._readers[source]
 
-    def process(self, task):
+    def _read(self, task):
         from focas_keras.slides.reader import SlideReadError
 
         try:
-            yield (task, *work.read_task(self._reader(task.source), task))
+            return (task, *work.read_task(self._reader(task.source), task))
         except (SlideReadError, InputError) as error:
             self._readers.pop(task.source, None)
-            yield beam.pvalue.TaggedOutput(
+            return beam.pvalue.TaggedOutput(
                 "unreadable", (task.slide, (work.unreadable_record(task, error), 0.0)))
 
+    def process(self, task):
+        self._pending.append(self._pool.submit(self._read, task))
+        while len(self._pending) > self.prefetch:
+            yield self._pending.popleft().result()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        while self._pending:  # outside process(), Beam needs each output's window
+            out = self._pending.popleft().result()
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+            else:
+                yield GlobalWindows.windowed_value(out)
+
     def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
         for reader in getattr(self, "_readers", {}).values():
             reader.close()
 
