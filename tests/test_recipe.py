@@ -204,7 +204,10 @@ def test_train_det_selects_on_whole_validation_fields(dataset, tmp_path):
                           val_fields=True))
     config = preset("tiny").override(**{"train.augment": False, "train.batch_size": 4,
                                         "train.steps_per_epoch": 2, "train.epochs": 1,
-                                        "train.warmup_steps": 2, "input_size": 64})
+                                        "train.warmup_steps": 2, "input_size": 64,
+                                        # an epoch-1 tiny Mdet scores near its prior: keep
+                                        # some candidates on the fields
+                                        "inference.score_threshold": 0.001})
     train_det(shards, tmp_path / "det", config, log=lambda *_: None)
     best = json.loads((tmp_path / "det" / "best.json").read_text())
     m = best["metrics"]
@@ -214,7 +217,21 @@ def test_train_det_selects_on_whole_validation_fields(dataset, tmp_path):
     assert best["score"] == pytest.approx(m["val_field_f1"]
                                           + 1e-3 * m["val_field_candidate_recall"])
     assert m["val_recall_threshold"] == m["val_field_recall_threshold"]
-    # 2 fields of 320 x 320 px at 0.2456 um/px: at most 2000 candidates per mm2
-    assert m["val_field_candidates_per_mm2"] <= 2000.0 + 1e-6
+    # 2 fields of 320 x 320 px at 0.2456 um/px: at most each field's cap (2000 per mm2,
+    # rounded up to 13 a field), and this low threshold fills it
+    from focas_keras.inference.cascade import candidate_cap
+
+    cap = candidate_cap(320, 320, 0.2456, 2000.0)
+    field_mm2 = (320 * 0.2456 / 1000) ** 2
+    assert m["val_field_candidates_per_mm2"] * 2 * field_mm2 == pytest.approx(2 * cap)
     run = json.loads((tmp_path / "det" / "run.json").read_text())
     assert run["field_shards"]
+    # validation ran stage 1 as detect runs it: the engine's candidates of the same weights
+    from focas_keras.datasets.annotations import load_image
+    from focas_keras.inference import load_stage1
+
+    stage1 = load_stage1(tmp_path / "det", which="best")
+    images = read_dataset("icpr2012", root).images
+    val = images[images.slide_id == "A02"]
+    found = sum(len(stage1.stage1(load_image(path))[1]) for path in val.image_path)
+    assert found == 2 * cap and stage1.det_mpp == 0.2456

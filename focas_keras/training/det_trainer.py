@@ -78,29 +78,30 @@ def make_field_validator(config: MdetConfig, fields: list,
                          per_mm2: float = FIELD_CANDIDATES_PER_MM2):
     """A ``model -> metrics`` function over whole validation fields (``prepare --val-fields``).
 
-    Mdet runs on each whole field as ``detect`` runs it (mirror-padded, compiled once per
-    field size, at most ``per_mm2`` candidates per mm2, the inference threshold); the metrics
-    are :func:`focas_keras.evaluation.fields.stage1_metrics`: the best-F1 stage-1 cut with the
-    cascade's point merge, the share of mitoses with a candidate, and the candidate density.
+    Mdet runs on each whole field through the inference engine, as ``detect`` runs stage 1
+    (:func:`~focas_keras.inference.engine.detect_field`: at most ``per_mm2`` candidates per
+    mm2, the per-level top-k scaled with the field's area, the inference threshold); the
+    metrics are :func:`focas_keras.evaluation.fields.stage1_metrics`: the best-F1 stage-1 cut
+    with the cascade's point merge, the share of mitoses with a candidate, and the candidate
+    density.
     """
     from focas_keras.evaluation.fields import candidate_table, stage1_metrics
-    from focas_keras.inference.cascade import candidate_cap
-    from focas_keras.models.mdet import Detector
+    from focas_keras.inference.cascade import Cascade, CascadeSettings
 
     mpp = float(np.median([f["mpp"] for f in fields]))
     truth = {f["image_id"]: f["points"] for f in fields}
     area = sum(f["image"].shape[0] * f["image"].shape[1] for f in fields) * (mpp / 1000) ** 2
-    detectors = {}
+    stage1 = {}  # {(model, field mpp): stage-1-only Cascade}, each compiling once per size
 
     def validate(model) -> dict:
         per_image = {}
         for field in fields:
-            height, width = field["image"].shape[:2]
-            cap = candidate_cap(height, width, field["mpp"], per_mm2)
-            key = (id(model), cap)
-            if key not in detectors:
-                detectors[key] = Detector(model, config, max_detections=cap)
-            boxes, scores = detectors[key].detect_image(field["image"])
+            key = (id(model), float(field["mpp"]))
+            if key not in stage1:
+                settings = CascadeSettings(mpp=float(field["mpp"]), det_mpp=float(field["mpp"]),
+                                           max_candidates_per_mm2=per_mm2)
+                stage1[key] = Cascade(model, config, None, None, settings)
+            boxes, scores = stage1[key].detect_resized(field["image"])
             per_image[field["image_id"]] = (_centres(np.asarray(boxes).reshape(-1, 4)),
                                             scores, None)
         return stage1_metrics(truth, candidate_table(per_image), mpp, area)
