@@ -123,3 +123,28 @@ def test_central_first_and_cached_run(tmp_path):
         out / "cache" / "Hamamatsu_XR" / "part_000.csv", index=False)
     with pytest.raises(InputError, match="no model was given"):
         ev.run(root, out, cascade=None, scanners=[XR, CS2])
+
+
+def _load_probe():
+    sys.path.insert(0, str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location("_exp_amibr_stage1_probe",
+                                                  EXPERIMENTS / "amibr_stage1_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage1_probe_best_near_box_its_rank_and_recall_per_cap():
+    probe = _load_probe()
+    boxes = [(0, 0, 10, 10), (60, 60, 70, 70), (50, 58, 60, 68), (100, 100, 110, 110)]
+    scores = [0.9, 0.04, 0.3, 0.5]
+    # near the figure at (64, 64) within 20 px: boxes 1 (0.04) and 2 (0.3, centre 9 px away)
+    assert probe.probe_crop(boxes, scores, (64, 64), 20.0) == (0.3, 3)
+    assert probe.probe_crop(boxes, scores, (300, 300), 20.0) == (0.0, 0)
+    assert probe.probe_crop(np.zeros((0, 4)), [], (64, 64), 20.0) == (0.0, 0)
+    crops = pd.DataFrame({"scanner": ["a"] * 4, "score": [0.3, 0.06, 0.015, 0.0],
+                          "rank": [3, 1, 2, 0]})
+    row = probe.summarize(crops, {"a": 2})["a"]
+    assert row["no_box_at_floor"] == 0.25
+    assert row["recall@0.05"] == 0.5 and row["recall@0.05,cap"] == 0.25
+    assert row["recall@0.01"] == 0.75 and row["recall@0.01,cap"] == 0.5
