@@ -70,6 +70,36 @@ def summarize(crops: pd.DataFrame, caps: dict) -> dict:
     return out
 
 
+def cut_for_recall(crops: pd.DataFrame, caps: dict, target: float) -> float:
+    """The highest stage-1 threshold at which the capped candidate recall pooled over
+    ``crops`` reaches ``target``: a threshold chosen on these crops' scanners only.
+
+    Args:
+        crops: probe rows (``scanner``, ``score``, ``rank``) of the scanners to choose on.
+        caps: ``{scanner: per-crop cap}`` (the probe summary's ``cap``).
+        target: candidate recall to reach, in (0, 1].
+
+    Returns:
+        The threshold (one of the crops' scores); :data:`FLOOR` when even that misses it.
+    """
+    if not 0 < target <= 1 or not len(crops):
+        raise ValueError("need crops and a target in (0, 1]")
+    capped = crops.score.where(crops["rank"] <= crops.scanner.map(caps), 0.0)
+    needed = math.ceil(target * len(crops) - 1e-9)
+    ordered = np.sort(capped.to_numpy(np.float64))[::-1]
+    cut = float(ordered[needed - 1])
+    return cut if cut >= FLOOR else FLOOR
+
+
+def load_probe(directory) -> tuple[pd.DataFrame, dict, dict]:
+    """(crops, {scanner: cap}, summary) of a probe's output directory."""
+    directory = Path(directory)
+    summary = json.loads((directory / "summary.json").read_text())
+    crops = pd.read_csv(directory / "crops.csv", dtype={"image": str})
+    caps = {name: row["cap"] for name, row in summary["scanners"].items()}
+    return crops, caps, summary
+
+
 def main(argv=None) -> int:
     from focas_keras import pretrained
     from focas_keras.datasets.readers.amibr import read_amibr
@@ -87,6 +117,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     det = args.det or pretrained.model_dir(pretrained.DEFAULT) / "det"
+    from focas_keras.io import sha256_file
+
     base = load_stage1(det, det_threshold=FLOOR, max_candidates_per_mm2=1e9)
     images = amibr_eval.sample(read_amibr(args.data, check_images=False).images,
                                args.per_scanner)
@@ -113,7 +145,7 @@ def main(argv=None) -> int:
     crops = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     crops.to_csv(args.out / "crops.csv", index=False, lineterminator="\n")
-    summary = {"det": str(det), "floor": FLOOR, "per_scanner": args.per_scanner,
+    summary = {"det": str(det), "det_sha256": sha256_file(det / "model.keras"), "floor": FLOOR, "per_scanner": args.per_scanner,
                "seconds": round(time.perf_counter() - start, 1),
                "scanners": summarize(crops, caps)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

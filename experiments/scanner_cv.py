@@ -17,7 +17,10 @@ it never saw any AMi-Br scanner), the control for what the AMi-Br crops add.
 Thresholds: the bundled card's stage-1 threshold and TTA with ``--cls-threshold`` (default
 0.5), or the pair (and TTA) a finished ICPR CV of the same recipe gives on its pooled
 out-of-fold predictions (``--thresholds-from CV_RESULTS_DIR``, as ``train_bundled.py``
-chooses them); never chosen on the held-out scanner.
+chooses them); never chosen on the held-out scanner. With ``--stage1-recall R`` each fold's
+stage-1 threshold is at most the highest one at which stage 1 (the bundled Mdet) reaches
+candidate recall R on the OTHER three scanners' crops (``amibr_stage1_probe.py``'s output,
+``--probe``; its Mdet must be the bundled one).
 
 Usage:
     python experiments/scanner_cv.py --out experiments/results/scanner_cv_lite0 \\
@@ -120,6 +123,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cls-threshold", type=float, default=0.5)
     parser.add_argument("--thresholds-from", type=Path, default=None,
                         help="A finished recipe_cv.py results directory (--final-ablation).")
+    parser.add_argument("--stage1-recall", type=float, default=None,
+                        help="Cap each fold's stage-1 threshold where the other scanners' "
+                        "candidate recall reaches this (needs --probe).")
+    parser.add_argument("--probe", type=Path,
+                        default=REPO / "experiments" / "results" / "amibr_stage1_probe",
+                        help="amibr_stage1_probe.py output of the bundled Mdet.")
     parser.add_argument("--per-scanner", type=int, default=200)
     parser.add_argument("--scanners", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -133,8 +142,24 @@ def main(argv=None) -> int:
     scanners = args.scanners or sorted(set(read_amibr(args.amibr,
                                                       check_images=False).images.scanner))
     thresholds, tta = thresholds_of(args, pretrained.load_card())
-    results = {}
+    probe = None
+    if args.stage1_recall is not None:
+        import amibr_stage1_probe
+        from focas_keras.io import sha256_file
+
+        probe = amibr_stage1_probe.load_probe(args.probe)
+        with pretrained.runs() as (det_run, _, _):
+            if probe[2].get("det_sha256") != sha256_file(Path(det_run) / "model.keras"):
+                raise SystemExit(f"{args.probe}: the probe ran another Mdet than the bundled one")
+    results, pairs = {}, {}
     for scanner in scanners:
+        pair = thresholds
+        if probe is not None:
+            crops, caps, _ = probe
+            others = crops[crops.scanner != scanner]
+            cut = amibr_stage1_probe.cut_for_recall(others, caps, args.stage1_recall)
+            pair = (min(thresholds[0], cut), thresholds[1])
+        pairs[scanner] = pair
         fold_out = args.out / amibr_eval.slug(scanner)
         done = fold_out / "summary.json"
         if not done.exists():
@@ -142,17 +167,19 @@ def main(argv=None) -> int:
             log = args.out / f"{amibr_eval.slug(scanner)}.log"
             run = train_steps(args, args.work, log, scanner)
             with pretrained.runs() as (det_run, _, _):
-                cascade, name = amibr_eval.load_base_cascade(det_run, run, thresholds, tta=tta)
+                cascade, name = amibr_eval.load_base_cascade(det_run, run, pair, tta=tta)
             summary = amibr_eval.run(args.amibr, fold_out, cascade, name, args.per_scanner,
                                      [scanner], log=print)
             summary["fold_seconds"] = round(time.perf_counter() - started, 1)
+            summary["thresholds"] = list(pair)
             summary["recipe"] = {k: (str(v) if isinstance(v, Path) else v)
                                  for k, v in vars(args).items()}
             (fold_out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         results[scanner] = json.loads(done.read_text())["scanners"].get(scanner)
         print(f"{scanner}: {results[scanner]}", flush=True)
     (args.out / "summary.json").write_text(json.dumps(
-        {"thresholds": thresholds, "held_out": results}, indent=2) + "\n")
+        {"thresholds": thresholds, "fold_thresholds": pairs, "held_out": results},
+        indent=2) + "\n")
     return 0
 
 

@@ -148,3 +148,20 @@ def test_stage1_probe_best_near_box_its_rank_and_recall_per_cap():
     assert row["no_box_at_floor"] == 0.25
     assert row["recall@0.05"] == 0.5 and row["recall@0.05,cap"] == 0.25
     assert row["recall@0.01"] == 0.75 and row["recall@0.01,cap"] == 0.5
+
+
+def test_stage1_cut_reaches_the_target_recall_on_the_given_crops_only():
+    probe = _load_probe()
+    crops = pd.DataFrame({"scanner": ["a", "a", "a", "a", "b", "b"],
+                          "score": [0.4, 0.2, 0.06, 0.03, 0.5, 0.04],
+                          "rank": [1, 1, 3, 1, 1, 1]})
+    caps = {"a": 2, "b": 3}
+    # capped scores: a 0.4, 0.2, 0 (rank 3 > 2), 0.03; b 0.5, 0.04
+    assert probe.cut_for_recall(crops, caps, 0.5) == 0.2  # 3 of 6
+    assert probe.cut_for_recall(crops, caps, 4 / 6) == 0.04  # 4 of 6
+    assert probe.cut_for_recall(crops, caps, 5 / 6) == 0.03
+    # the sixth crop is only reachable past the cap: the floor
+    assert probe.cut_for_recall(crops, caps, 1.0) == probe.FLOOR
+    assert probe.cut_for_recall(crops[crops.scanner == "b"], caps, 1.0) == 0.04
+    with pytest.raises(ValueError):
+        probe.cut_for_recall(crops, caps, 0.0)
