@@ -112,7 +112,6 @@ def amibr_prepare_args(amibr, out, seed) -> list:
             "--overwrite"]
 
 
-
 def run_fold(fold, args, work: Path, results: Path) -> dict:
     """Runs (or resumes) one fold's training and held-out detection; caches the result."""
     from focas_keras.evaluation import evaluate as ev
