@@ -102,9 +102,11 @@ def load_probe(directory) -> tuple[pd.DataFrame, dict, dict]:
 
 def main(argv=None) -> int:
     from focas_keras import pretrained
+    from focas_keras.datasets.annotations import load_image
     from focas_keras.datasets.readers.amibr import read_amibr
     from focas_keras.inference import load_stage1
     from focas_keras.inference.cascade import Cascade, CascadeSettings, candidate_cap
+    from focas_keras.io import sha256_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=amibr_eval.DEFAULT_DATA)
@@ -117,13 +119,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     det = args.det or pretrained.model_dir(pretrained.DEFAULT) / "det"
-    from focas_keras.io import sha256_file
-
     base = load_stage1(det, det_threshold=FLOOR, max_candidates_per_mm2=1e9)
     images = amibr_eval.sample(read_amibr(args.data, check_images=False).images,
                                args.per_scanner)
     figures = amibr_eval.central_first(args.data)
-    from focas_keras.datasets.annotations import load_image
 
     rows, stages, caps = [], {}, {}
     start = time.perf_counter()
@@ -145,7 +144,8 @@ def main(argv=None) -> int:
     crops = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     crops.to_csv(args.out / "crops.csv", index=False, lineterminator="\n")
-    summary = {"det": str(det), "det_sha256": sha256_file(det / "model.keras"), "floor": FLOOR, "per_scanner": args.per_scanner,
+    summary = {"det": str(det), "det_sha256": sha256_file(det / "model.keras"),
+               "floor": FLOOR, "per_scanner": args.per_scanner,
                "seconds": round(time.perf_counter() - start, 1),
                "scanners": summarize(crops, caps)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
