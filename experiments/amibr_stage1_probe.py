@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     from focas_keras.datasets.annotations import load_image
     from focas_keras.datasets.readers.amibr import read_amibr
     from focas_keras.inference import load_stage1
-    from focas_keras.inference.cascade import Cascade, CascadeSettings, candidate_cap
+    from focas_keras.inference.cascade import candidate_cap
     from focas_keras.io import sha256_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -129,9 +129,7 @@ def main(argv=None) -> int:
     for row in images.itertuples():
         mpp = float(row.mpp)
         if mpp not in stages:
-            settings = CascadeSettings(mpp=mpp, det_mpp=base.det_mpp, det_threshold=FLOOR,
-                                       max_candidates_per_mm2=1e9)
-            stages[mpp] = Cascade(base.det_model, base.det_config, None, None, settings)
+            stages[mpp] = amibr_eval.cascade_at(base, mpp)
         stage = stages[mpp]
         image = load_image(row.image_path)
         boxes, scores = stage.stage1(image)

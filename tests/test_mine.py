@@ -291,19 +291,24 @@ def test_missing_detector_run_is_an_input_error(prepared, tmp_path):
         mine_hard_negatives(tmp_path / "no-run", root, "icpr2012", out)
 
 
-def test_real_detector_run(prepared, tmp_path):
+def _tiny_det_run(directory, seed):
+    """An untrained tiny train-det run (model.keras, config.json); returns (dir, config)."""
     import keras
 
     from focas_keras.models.mdet import build_mdet
     from focas_keras.models.mdet_config import preset
 
-    root, _, out = prepared
     config = preset("tiny")
-    run = tmp_path / "run"
-    run.mkdir()
-    keras.utils.set_random_seed(0)
-    build_mdet(config).save(run / "model.keras")
-    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    directory.mkdir()
+    keras.utils.set_random_seed(seed)
+    build_mdet(config).save(directory / "model.keras")
+    (directory / "config.json").write_text(json.dumps(config.to_dict()))
+    return directory, config
+
+
+def test_real_detector_run(prepared, tmp_path):
+    root, _, out = prepared
+    run, config = _tiny_det_run(tmp_path / "run", seed=0)
     mining = mine_hard_negatives(run, root, "icpr2012", out, max_per_image=5)
     assert mining["det_run"] == str(run.resolve())
     assert mining["score_threshold"] == pytest.approx(config.inference.score_threshold)
@@ -317,19 +322,10 @@ def test_real_detector_run(prepared, tmp_path):
 def test_loaded_run_mines_what_the_engine_detects(prepared, tmp_path):
     """Mining through the engine: the mined centres of a training image are exactly stage 1
     of the cascade that ``detect`` builds from the same run (load_stage1), and its scores."""
-    import keras
-
     from focas_keras.inference import load_stage1
-    from focas_keras.models.mdet import build_mdet
-    from focas_keras.models.mdet_config import preset
 
     root, _, out = prepared
-    config = preset("tiny")
-    run = tmp_path / "run"
-    run.mkdir()
-    keras.utils.set_random_seed(1)
-    build_mdet(config).save(run / "model.keras")
-    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    run, _ = _tiny_det_run(tmp_path / "run", seed=1)
     # An untrained tiny Mdet scores every anchor near its prior: a low threshold keeps some.
     mining = mine_hard_negatives(run, root, "icpr2012", out, keep_true_positives=True,
                                  score_threshold=0.001)
