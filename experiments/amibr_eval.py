@@ -18,6 +18,14 @@ Detections are cached per scanner in chunks (``<out>/cache/<scanner>/part_NNN.cs
 interrupted run resumes where it stopped; ``<out>/crops.csv`` (one row per crop) and
 ``<out>/summary.json`` are written at the end (from the cache: a rerun only scores).
 
+With ``keep_candidates`` every candidate (centre, both scores) is cached beside its chunk
+(``cand_NNN.csv``). Run once at permissive thresholds (a low stage-1 floor, stage 2 at 0),
+:func:`rescore` then gives the crops' metrics for any stricter pair without a model: a pair
+accepts the same candidates from the floor run as from its own run (stage 1's NMS and its
+per-area cap keep the best-scored boxes, so a higher cut keeps a subset of them), and the
+point merge is the cascade's (:func:`~focas_keras.inference.engine.merge_points`, ranked by
+Mclass, in input pixels).
+
 Usage:
     python experiments/amibr_eval.py --out experiments/results/amibr_bundled
     python experiments/amibr_eval.py --per-scanner 200 --scanners "Hamamatsu XR" --out DIR
@@ -52,6 +60,7 @@ RADIUS_UM = 20 * ICPR2012_MPP
 CHUNK = 100
 CROP_COLUMNS = ["image", "scanner", "dataset", "slide", "mpp", "figures", "hit",
                 "candidate_hit", "fp", "accepted", "candidates", "centre_dist_um"]
+CANDIDATE_COLUMNS = ["image", "x", "y", "det_score", "cls_score"]
 
 
 def crop_metrics(figures, detections: pd.DataFrame, mpp: float,
@@ -164,7 +173,8 @@ def load_base_cascade(det=None, cls=None, thresholds=None, tta=None):
             f"runs:{det},{cls}")
 
 
-def detect_chunk(cascade_for, rows: pd.DataFrame, figures: dict, work: Path) -> pd.DataFrame:
+def detect_chunk(cascade_for, rows: pd.DataFrame, figures: dict, work: Path,
+                 candidates: list | None = None) -> pd.DataFrame:
     """Runs ``detect_to_dir`` on a chunk of crops (one pixel size each) and scores them.
 
     Args:
@@ -173,6 +183,7 @@ def detect_chunk(cascade_for, rows: pd.DataFrame, figures: dict, work: Path) -> 
         rows: images-table rows (``image_id, image_path, mpp, scanner, dataset, slide_id``).
         figures: ``{image_id: (G, 2)}`` figures, central first.
         work: scratch directory.
+        candidates: if a list, every candidate table (:data:`CANDIDATE_COLUMNS`) is appended.
 
     Returns:
         One row per crop, :data:`CROP_COLUMNS`.
@@ -185,6 +196,8 @@ def detect_chunk(cascade_for, rows: pd.DataFrame, figures: dict, work: Path) -> 
         detect_to_dir(cascade_for(mpp), list(group.image_path), target,
                       overlays=False, progress=False)
         found = pd.read_csv(target / "detections.csv", dtype={"image": str})
+        if candidates is not None:
+            candidates.append(found[CANDIDATE_COLUMNS])
         by_image = dict(tuple(found.groupby("image")))
         empty = found.iloc[:0]
         for row in group.itertuples():
@@ -212,7 +225,7 @@ def _write_csv(table: pd.DataFrame, path: Path) -> None:
 
 
 def run(data, out, cascade=None, model_name="", per_scanner=None, scanners=None,
-        log=print) -> dict:
+        log=print, keep_candidates: bool = False) -> dict:
     """Evaluates ``cascade`` on the AMi-Br crops; writes ``crops.csv`` and ``summary.json``.
 
     Args:
@@ -223,6 +236,8 @@ def run(data, out, cascade=None, model_name="", per_scanner=None, scanners=None,
         per_scanner: sample size per scanner (:func:`sample`); None: all crops.
         scanners: scanner names to evaluate; None: all.
         log: callable for progress lines.
+        keep_candidates: also cache every candidate per chunk (``cand_NNN.csv``, for
+            :func:`rescore`); a chunk cached without them runs again.
 
     Returns:
         The summary.
@@ -255,15 +270,20 @@ def run(data, out, cascade=None, model_name="", per_scanner=None, scanners=None,
         for index, start in enumerate(range(0, len(group), CHUNK)):
             chunk = group.iloc[start:start + CHUNK]
             path = cache / f"part_{index:03d}.csv"
-            if path.is_file():
+            cand_path = cache / f"cand_{index:03d}.csv"
+            if path.is_file() and (cand_path.is_file() or not keep_candidates):
                 cached = pd.read_csv(path, dtype={"image": str})
                 if list(cached.image) == list(chunk.image_id):
                     parts.append(cached)
                     continue
             if cascade is None:
                 raise InputError(f"{path} is missing and no model was given")
+            found = [] if keep_candidates else None
             with tempfile.TemporaryDirectory(dir=out) as work:
-                table = detect_chunk(cascade_for, chunk, figures, Path(work))
+                table = detect_chunk(cascade_for, chunk, figures, Path(work), found)
+            if keep_candidates:  # before the part: a part without its candidates runs again
+                _write_csv(pd.concat(found, ignore_index=True)
+                           if found else pd.DataFrame(columns=CANDIDATE_COLUMNS), cand_path)
             _write_csv(table, path)
             parts.append(table)
             ran += len(chunk)
@@ -273,19 +293,76 @@ def run(data, out, cascade=None, model_name="", per_scanner=None, scanners=None,
             seconds[scanner] = round(time.perf_counter() - started, 1)
     crops = pd.concat(parts, ignore_index=True)[CROP_COLUMNS]
     _write_csv(crops, out / "crops.csv")
-    summary = {"model": model_name, "data": str(data), "per_scanner": per_scanner,
-               "radius_um": RADIUS_UM, "chunk": CHUNK,
+    # Scoring a cache without a model keeps what the earlier run recorded of its cascade.
+    earlier = (json.loads((out / "summary.json").read_text())
+               if cascade is None and (out / "summary.json").is_file() else {})
+    summary = {"model": model_name or earlier.get("model", ""), "data": str(data),
+               "per_scanner": per_scanner, "radius_um": RADIUS_UM, "chunk": CHUNK,
                "settings": (dataclasses.asdict(cascade.settings) if cascade is not None
-                            else None),
+                            else earlier.get("settings")),
                "resolved": ({"det_threshold": cascade.det_threshold,
                              "cls_threshold": cascade.cls_threshold,
                              "det_mpp": cascade.det_mpp, "cls_mpp": cascade.cls_mpp}
-                            if cascade is not None else None),
+                            if cascade is not None else earlier.get("resolved")),
                "seconds_this_run": seconds, "scanners": summarize(crops)}
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, out / "summary.json")
     return summary
+
+
+def rescore(out, data, det_threshold: float, cls_threshold: float, merge_px: float,
+            scanners=None) -> tuple[pd.DataFrame, dict]:
+    """The crops' metrics at a threshold pair, from a :func:`run` with ``keep_candidates``.
+
+    Args:
+        out: that run's output directory (its ``crops.csv`` and ``cache/*/cand_*.csv``).
+        data: the AMi-Br directory (for the labelled figures).
+        det_threshold: stage-1 cut; at least the run's own (below it nothing was kept).
+        cls_threshold: stage-2 threshold.
+        merge_px: the cascade's merge radius (input pixels).
+        scanners: scanner names to score; None: every scanner of the run.
+
+    Returns:
+        (one row per crop, :data:`CROP_COLUMNS`; :func:`summarize` of it).
+
+    Raises:
+        InputError: the run kept no candidates for a scanner, or ran at a higher stage-1
+            cut than ``det_threshold``.
+    """
+    from focas_keras.errors import InputError
+    from focas_keras.inference.engine import merge_points
+
+    out = Path(out)
+    summary = json.loads((out / "summary.json").read_text())
+    floor = (summary.get("resolved") or {}).get("det_threshold")
+    if floor is None or det_threshold < floor - 1e-9:
+        raise InputError(f"stage-1 cut {det_threshold} is below the run's own ({floor})",
+                         out / "summary.json")
+    crops = pd.read_csv(out / "crops.csv", dtype={"image": str})
+    if scanners:
+        crops = crops[crops.scanner.isin(scanners)]
+    figures = central_first(data)
+    rows = []
+    for scanner, group in crops.groupby("scanner", sort=True):
+        paths = sorted((out / "cache" / slug(scanner)).glob("cand_*.csv"))
+        if len(paths) != -(-len(group) // CHUNK):
+            raise InputError(f"{scanner}: no candidates kept for every chunk (run with "
+                             "keep_candidates)", out / "cache" / slug(scanner))
+        cands = pd.concat([pd.read_csv(p, dtype={"image": str}) for p in paths],
+                          ignore_index=True)
+        cands = cands[cands.det_score >= det_threshold]
+        by_image = dict(tuple(cands.groupby("image")))
+        for crop in group.itertuples(index=False):
+            found = by_image.get(crop.image, cands.iloc[:0])
+            points = found[["x", "y"]].to_numpy(np.float64)
+            accepted = merge_points(points, found.cls_score.to_numpy(np.float64),
+                                    found.cls_score.to_numpy() >= cls_threshold, merge_px)
+            scores = crop_metrics(figures[crop.image], found.assign(accepted=accepted),
+                                  crop.mpp)
+            rows.append({**{c: getattr(crop, c) for c in CROP_COLUMNS[:6]}, **scores})
+    table = pd.DataFrame(rows, columns=CROP_COLUMNS)
+    return table, summarize(table)
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -311,12 +388,15 @@ def main(argv=None) -> int:
                         help="Deterministic sample of N crops per scanner (default: all).")
     parser.add_argument("--scanners", nargs="+", default=None, metavar="NAME",
                         help="Scanner names as in labels.csv (default: all).")
+    parser.add_argument("--keep-candidates", action="store_true",
+                        help="Also cache every candidate (for rescore / joint_thresholds.py).")
     args = parser.parse_args(argv)
     from focas_keras.errors import InputError
 
     try:
         cascade, name = load_base_cascade(args.det, args.cls, args.thresholds, args.tta)
-        summary = run(args.data, args.out, cascade, name, args.per_scanner, args.scanners)
+        summary = run(args.data, args.out, cascade, name, args.per_scanner, args.scanners,
+                      keep_candidates=args.keep_candidates)
     except InputError as err:
         print(f"amibr_eval: error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,11 @@ Rules:
     centred  Mclass's log-odds minus their median over the candidates of the same field,
              back through the sigmoid: a per-field recalibration (``detect`` could do it
              field by field) for slides whose stain moves every score.
+    fixed    Mclass's threshold fixed at 0.5 (a probability's natural cut, chosen on nothing);
+             only the stage-1 threshold comes from the other folds. For a classifier whose
+             best pooled stage-2 threshold sits near 1 and does not transfer between slides.
+
+A CV still running is read as far as it goes: only slides with an out-of-fold table count.
 
 Usage:
     python experiments/oof_rules.py --results experiments/results/icpr2012_cv_scale \
@@ -59,6 +64,12 @@ def centred_score(preds):
     return preds.assign(cls_score=1.0 / (1.0 + np.exp(-(logit - median))))
 
 
+def fixed_score(preds, cls_threshold: float):
+    """Rows with Mclass >= ``cls_threshold`` only, each with ``cls_score`` 1: every stage-2
+    threshold then accepts exactly them, and only the stage-1 cut is left to choose."""
+    return preds[preds["cls_score"] >= cls_threshold].assign(cls_score=1.0)
+
+
 def cross_fold(truths: dict, variants: dict) -> dict:
     """Pooled counts: per held-out slide, the (parameter, pair) of best F1 on the other
     slides' pooled ``variants[param][slide]`` tables, applied to that slide."""
@@ -99,8 +110,11 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=rc.DEFAULT_DATA / "images")
     args = parser.parse_args(argv)
     points = ev.read_truth(args.data, "icpr2012").points
-    truths = {s: {k: v for k, v in points.items() if k.startswith(s)} for s in SLIDES}
-    preds = {s: pd.read_csv(args.results / "oof" / f"{s}_{args.kind}.csv") for s in SLIDES}
+    slides = [s for s in SLIDES if (args.results / "oof" / f"{s}_{args.kind}.csv").exists()]
+    if len(slides) < 2:
+        parser.error(f"{args.results / 'oof'}: fewer than two slides have a {args.kind} table")
+    truths = {s: {k: v for k, v in points.items() if k.startswith(s)} for s in slides}
+    preds = {s: pd.read_csv(args.results / "oof" / f"{s}_{args.kind}.csv") for s in slides}
     rules = {
         "cls": {None: preds},
         "product a=0.75": {0.75: {s: product_score(p, 0.75) for s, p in preds.items()}},
@@ -108,6 +122,7 @@ def main(argv=None) -> int:
         "or (t3 from the other folds)": {t: {s: or_score(p, t) for s, p in preds.items()}
                                          for t in OR_GRID},
         "centred per field": {None: {s: centred_score(p) for s, p in preds.items()}},
+        "fixed stage-2 0.5": {0.5: {s: fixed_score(p, 0.5) for s, p in preds.items()}},
     }
     out = {}
     for name, variants in rules.items():
@@ -115,7 +130,7 @@ def main(argv=None) -> int:
         r = out[name]
         print(f"{name}: {r['tp']}/{r['fp']}/{r['fn']}, F1 {r['f1']:.3f} (diagnostic own pair "
               f"{r['diagnostic_own_pair_f1']:.3f}); chosen {r['chosen']}", flush=True)
-    print(json.dumps({"results": str(args.results), "kind": args.kind,
+    print(json.dumps({"results": str(args.results), "kind": args.kind, "slides": slides,
                       "f1": {k: round(v["f1"], 3) for k, v in out.items()}}))
     return 0
 

@@ -22,6 +22,12 @@ stage-1 threshold is at most the highest one at which stage 1 (the bundled Mdet)
 candidate recall R on the OTHER three scanners' crops (``amibr_stage1_probe.py``'s output,
 ``--probe``; its Mdet must be the bundled one).
 
+``--floor F`` runs each fold's cascade once at permissive thresholds (stage 1 at F, stage 2 at
+0, the recipe's TTA) and keeps every candidate (``<out>/candidates/<scanner>/``); the fold's
+metrics at its pair are then computed from them (``amibr_eval.rescore``), on every run. So
+one detection pass serves every threshold rule: rerun with the same ``--out`` and another
+``--thresholds-from`` or ``--stage1-recall`` and only the scoring runs again.
+
 Usage:
     python experiments/scanner_cv.py --out experiments/results/scanner_cv_lite0 \\
         --preset lite0 --extra-share 0.3 --per-scanner 200
@@ -104,6 +110,47 @@ def train_steps(args, work: Path, log: Path, fold: str | None) -> Path:
     return run
 
 
+def floor_fold(args, scanner: str, pair: tuple, tta: bool, fold_out: Path) -> None:
+    """One fold under ``--floor``: the cascade at (floor, 0) on the held-out scanner's crops,
+    every candidate kept (once; resumable), then the metrics at ``pair`` from them, written
+    to ``fold_out`` (``crops.csv``, ``summary.json``)."""
+    from focas_keras import pretrained
+    from focas_keras.errors import InputError
+
+    if pair[0] < args.floor:
+        raise SystemExit(f"{scanner}: stage-1 threshold {pair[0]} is below --floor "
+                         f"{args.floor}")
+    started = time.perf_counter()
+    slug = amibr_eval.slug(scanner)
+    kept = args.out / "candidates" / slug
+    log = args.out / f"{slug}.log"
+    run = train_steps(args, args.work, log, scanner)
+    try:  # every chunk cached: no model needed
+        floor_summary = amibr_eval.run(args.amibr, kept, None, "", args.per_scanner,
+                                       [scanner], log=print, keep_candidates=True)
+    except InputError:
+        with pretrained.runs() as (det_run, _, _):
+            cascade, name = amibr_eval.load_base_cascade(det_run, run, (args.floor, 0.0),
+                                                         tta=tta)
+        floor_summary = amibr_eval.run(args.amibr, kept, cascade, name, args.per_scanner,
+                                       [scanner], log=print, keep_candidates=True)
+        floor_summary["fold_seconds"] = round(time.perf_counter() - started, 1)
+        (kept / "fold_seconds.json").write_text(json.dumps(floor_summary["fold_seconds"]))
+    merge_px = floor_summary["settings"]["merge_px"]
+    table, scanners = amibr_eval.rescore(kept, args.amibr, pair[0], pair[1], merge_px,
+                                         [scanner])
+    fold_out.mkdir(parents=True, exist_ok=True)
+    amibr_eval._write_csv(table, fold_out / "crops.csv")
+    seconds = kept / "fold_seconds.json"
+    summary = {"model": floor_summary["model"], "floor": floor_summary["resolved"],
+               "tta": tta, "merge_px": merge_px, "thresholds": list(pair),
+               "fold_seconds": json.loads(seconds.read_text()) if seconds.exists() else None,
+               "scanners": scanners,
+               "recipe": {k: (str(v) if isinstance(v, Path) else v)
+                          for k, v in vars(args).items()}}
+    (fold_out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="Results (cached per fold).")
@@ -129,6 +176,9 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", type=Path,
                         default=REPO / "experiments" / "results" / "amibr_stage1_probe",
                         help="amibr_stage1_probe.py output of the bundled Mdet.")
+    parser.add_argument("--floor", type=float, default=None,
+                        help="Detect once at this stage-1 cut (stage 2 at 0), keep every "
+                        "candidate, score each pair from them.")
     parser.add_argument("--per-scanner", type=int, default=200)
     parser.add_argument("--scanners", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -162,7 +212,9 @@ def main(argv=None) -> int:
         pairs[scanner] = pair
         fold_out = args.out / amibr_eval.slug(scanner)
         done = fold_out / "summary.json"
-        if not done.exists():
+        if args.floor is not None:
+            floor_fold(args, scanner, pair, tta, fold_out)
+        elif not done.exists():
             started = time.perf_counter()
             log = args.out / f"{amibr_eval.slug(scanner)}.log"
             run = train_steps(args, args.work, log, scanner)

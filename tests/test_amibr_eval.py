@@ -165,3 +165,54 @@ def test_stage1_cut_reaches_the_target_recall_on_the_given_crops_only():
     assert probe.cut_for_recall(crops[crops.scanner == "b"], caps, 1.0) == 0.04
     with pytest.raises(ValueError):
         probe.cut_for_recall(crops, caps, 0.0)
+
+
+def test_rescore_applies_a_stricter_pair_to_the_kept_candidates(tmp_path):
+    root = write_amibr(tmp_path / "amibr")
+    out = tmp_path / "out"
+    cache = out / "cache" / "Hamamatsu_XR"
+    cache.mkdir(parents=True)
+    # A floor run (stage 1 at 0.02, stage 2 at 0) of three XR crops, 0.23 um/px: 20 px at the
+    # stage pixel size is 21.4 crop px. MIDOG21_1's second figure is at (94, 44).
+    cands = pd.DataFrame([
+        ("MIDOG21_1", 66, 64, 0.50, 0.90),   # on the centre
+        ("MIDOG21_1", 70, 66, 0.30, 0.95),   # 4.5 px away: merged into the better-ranked one
+        ("MIDOG21_1", 10, 10, 0.04, 0.80),   # far from every figure: an FP at low cuts
+        ("MIDOG21_2", 64, 60, 0.03, 0.60),   # only a low stage-1 cut keeps it
+        ("MIDOG21_3", 95, 95, 0.20, 0.70),   # 43 px away: an FP, not a hit
+    ], columns=ev.CANDIDATE_COLUMNS)
+    cands.to_csv(cache / "cand_000.csv", index=False)
+    crops = pd.DataFrame([
+        {"image": f"MIDOG21_{i}", "scanner": XR, "dataset": "MIDOG21",
+         "slide": "MIDOG21/002.tiff", "mpp": 0.23, "figures": 1, "hit": False,
+         "candidate_hit": False, "fp": 0, "accepted": 0, "candidates": 0,
+         "centre_dist_um": float("nan")} for i in (1, 2, 3)], columns=ev.CROP_COLUMNS)
+    crops.to_csv(cache / "part_000.csv", index=False)
+    (out / "summary.json").write_text(json.dumps({"resolved": {"det_threshold": 0.02}}))
+    ev.run(root, out, cascade=None, scanners=[XR], keep_candidates=True)
+    # Scoring the cache without a model keeps the floor the run recorded.
+    assert json.loads((out / "summary.json").read_text())["resolved"]["det_threshold"] == 0.02
+
+    table, summary = ev.rescore(out, root, 0.02, 0.0, merge_px=30.0)
+    by = table.set_index("image")
+    assert by.loc["MIDOG21_1", "hit"] and by.loc["MIDOG21_1", "accepted"] == 2
+    assert by.loc["MIDOG21_1", "fp"] == 1 and by.loc["MIDOG21_1", "candidates"] == 3
+    assert by.loc["MIDOG21_2", "hit"] and not by.loc["MIDOG21_3", "hit"]
+    assert summary[XR]["recall"] == pytest.approx(2 / 3)
+    assert summary[XR]["fp"] == 2
+
+    table, summary = ev.rescore(out, root, 0.05, 0.92, merge_px=30.0)
+    by = table.set_index("image")
+    # Stage 2 at 0.92 keeps only the 0.95 candidate of crop 1 (the 0.90 one is rejected).
+    assert by.loc["MIDOG21_1", "hit"] and by.loc["MIDOG21_1", "accepted"] == 1
+    assert by.loc["MIDOG21_1", "centre_dist_um"] == pytest.approx(math.hypot(6, 2) * 0.23)
+    assert by.loc["MIDOG21_1", "candidates"] == 2
+    assert not by.loc["MIDOG21_2", "candidate_hit"] and by.loc["MIDOG21_3", "accepted"] == 0
+    assert summary[XR]["recall"] == pytest.approx(1 / 3) and summary[XR]["fp"] == 0
+    assert summary[XR]["candidate_recall"] == pytest.approx(1 / 3)
+
+    with pytest.raises(InputError, match="below the run's own"):
+        ev.rescore(out, root, 0.01, 0.5, merge_px=30.0)
+    (cache / "cand_000.csv").unlink()
+    with pytest.raises(InputError, match="no candidates kept"):
+        ev.rescore(out, root, 0.05, 0.5, merge_px=30.0)
