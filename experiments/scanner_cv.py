@@ -25,8 +25,9 @@ candidate recall R on the OTHER three scanners' crops (``amibr_stage1_probe.py``
 ``--floor F`` runs each fold's cascade once at permissive thresholds (stage 1 at F, stage 2 at
 0, the recipe's TTA) and keeps every candidate (``<out>/candidates/<scanner>/``); the fold's
 metrics at its pair are then computed from them (``amibr_eval.rescore``), on every run. So
-one detection pass serves every threshold rule: rerun with the same ``--out`` and another
-``--thresholds-from`` or ``--stage1-recall`` and only the scoring runs again.
+one detection pass serves every threshold rule: rerun with another ``--out``, ``--candidates``
+pointing at the first run's, and another ``--thresholds-from`` or ``--stage1-recall``: only
+the scoring runs again.
 
 Usage:
     python experiments/scanner_cv.py --out experiments/results/scanner_cv_lite0 \\
@@ -122,7 +123,7 @@ def floor_fold(args, scanner: str, pair: tuple, tta: bool, fold_out: Path) -> No
                          f"{args.floor}")
     started = time.perf_counter()
     slug = amibr_eval.slug(scanner)
-    kept = args.out / "candidates" / slug
+    kept = (args.candidates or args.out / "candidates") / slug
     log = args.out / f"{slug}.log"
     run = train_steps(args, args.work, log, scanner)
     try:  # every chunk cached: no model needed
@@ -173,12 +174,18 @@ def main(argv=None) -> int:
     parser.add_argument("--stage1-recall", type=float, default=None,
                         help="Cap each fold's stage-1 threshold where the other scanners' "
                         "candidate recall reaches this (needs --probe).")
+    parser.add_argument("--stage1-floor", type=float, default=0.0,
+                        help="--stage1-recall's cap never goes below this (train_bundled.py "
+                        "clips it to the ICPR CV's candidate floor, 0.05).")
     parser.add_argument("--probe", type=Path,
                         default=REPO / "experiments" / "results" / "amibr_stage1_probe",
                         help="amibr_stage1_probe.py output of the bundled Mdet.")
     parser.add_argument("--floor", type=float, default=None,
                         help="Detect once at this stage-1 cut (stage 2 at 0), keep every "
                         "candidate, score each pair from them.")
+    parser.add_argument("--candidates", type=Path, default=None,
+                        help="Where --floor keeps the candidates (default: OUT/candidates); "
+                        "point several --out at one to score several rules.")
     parser.add_argument("--per-scanner", type=int, default=200)
     parser.add_argument("--scanners", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
             crops, caps, _ = probe
             others = crops[crops.scanner != scanner]
             cut = amibr_stage1_probe.cut_for_recall(others, caps, args.stage1_recall)
-            pair = (min(thresholds[0], cut), thresholds[1])
+            pair = (min(thresholds[0], max(cut, args.stage1_floor)), thresholds[1])
         pairs[scanner] = pair
         fold_out = args.out / amibr_eval.slug(scanner)
         done = fold_out / "summary.json"

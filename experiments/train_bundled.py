@@ -20,6 +20,11 @@ Writes the two runs' ``model.keras``, ``config.json`` and ``run.json``, the samp
 sample field that ``tests/test_bundled.py`` checks, and the ``domain`` block of
 ``experiments/domain_stats.py``) plus ``MODEL_CARD.md``.
 
+``--stage1-recall R`` caps the pair's stage-1 threshold where the shipped Mdet reaches
+candidate recall R on other scanners' mitoses (``experiments/amibr_stage1_probe.py``'s crops),
+never below the CV's candidate floor (its out-of-fold tables hold nothing lower); the card's
+CV estimate is then that rule's (each held-out slide's stage 1 capped the same way).
+
 ``--reuse-shipped`` trains nothing: the shipped weights stay, and only the thresholds, the
 CV estimate, the card and its reference detections are rebuilt from ``--results`` (a CV of the
 same recipe, e.g. one whose folds train on 4 slides: ``recipe_cv.py --no-val``).
@@ -89,10 +94,14 @@ def scanner_block(results: Path | None) -> dict | None:
     if results is None:
         return None
     summary = json.loads((Path(results) / "summary.json").read_text())
-    det, cls = summary["thresholds"]
+    pairs = list((summary.get("fold_thresholds") or {}).values()) or [summary["thresholds"]]
+    dets, clss = sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
+    det = f"{dets[0]:.4f}" if len(dets) == 1 else f"{dets[0]:.4f}-{dets[-1]:.4f} (per fold)"
+    cls = f"{clss[0]:.4f}" if len(clss) == 1 else f"{clss[0]:.4f}-{clss[-1]:.4f} (per fold)"
     return {"protocol": (f"leave-one-scanner-out on AMi-Br (experiments/scanner_cv.py, "
                          f"{Path(results).name}): Mclass trained without the scanner's crops, "
-                         f"Mdet of the bundled recipe (ICPR 2012 only), thresholds {det:.4f} / {cls:.4f}; recall "
+                         f"Mdet of the bundled recipe (ICPR 2012 only), thresholds {det} / "
+                         f"{cls}, nothing chosen on the held-out scanner; recall "
                          "on its crops, false positives = accepted detections farther than "
                          "20 px from every labelled figure, per crop"),
             "held_out": summary["held_out"]}
@@ -195,6 +204,60 @@ def oof_thresholds(results: Path, selected: bool = False) -> dict:
             "cv_key": f"{key}_tta" if tta else key}
 
 
+def capped_thresholds(results: Path, cap: float, recall: float) -> dict:
+    """:func:`oof_thresholds` with stage 1 at most ``cap`` (clipped to the CV's candidate
+    floor, below which its out-of-fold tables hold nothing), and the CV estimate of that rule:
+    each held-out slide's pair chosen on the other folds' pooled predictions, its stage-1
+    threshold capped the same way."""
+    import pandas as pd
+
+    from focas_keras.evaluation import evaluate as ev
+
+    chosen = oof_thresholds(results)
+    cv = chosen["cv"]
+    floor = float(cv.get("candidate_threshold", 0.05))
+    cut, cap = float(cap), max(float(cap), floor)
+    kind = "final_tta" if chosen["tta"] else "final_plain"
+    truth = ev.read_truth(recipe_cv.DEFAULT_DATA / "images", "icpr2012").points
+    truths = {s: {k: v for k, v in truth.items() if k.startswith(s)} for s in cv["folds"]}
+    preds = {s: pd.read_csv(results / "oof" / f"{s}_{kind}.csv") for s in cv["folds"]}
+    tp = fp = fn = 0
+    for slide in cv["folds"]:
+        others = [s for s in cv["folds"] if s != slide]
+        pair = recipe_cv.pooled_pair([truths[s] for s in others], [preds[s] for s in others])
+        r = recipe_cv.score_pair(truths[slide], preds[slide],
+                                 min(pair["det_threshold"], cap), pair["cls_threshold"])
+        tp, fp, fn = tp + r["tp"], fp + r["fp"], fn + r["fn"]
+    pooled = {"tp": tp, "fp": fp, "fn": fn,
+              "precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn),
+              "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+    rule = (f"stage 1 at most {cap:g}: the highest cut at which the bundled Mdet reaches "
+            f"candidate recall {recall:g} on other scanners' mitoses (AMi-Br, 4 x 200 crops; "
+            f"experiments/amibr_stage1_probe.py) is {cut:.4f}, clipped to the CV's candidate "
+            f"floor {floor:g} (its out-of-fold tables hold nothing lower)")
+    return {**chosen, "det_threshold": min(chosen["det_threshold"], cap),
+            "chosen_on": ("pooled out-of-fold predictions of the 5-fold leave-one-slide-out CV "
+                          f"(all 101 mitoses), {rule}"),
+            "cv_rule": ("thresholds for each held-out slide chosen on the other folds' pooled "
+                        f"out-of-fold predictions, stage 1 capped at {cap:g} as shipped"),
+            "cv_pooled": pooled}
+
+
+def stage1_cap(probe: Path, recall: float) -> float:
+    """The highest stage-1 threshold at which the bundled Mdet reaches candidate ``recall`` on
+    all the probe's crops (``amibr_stage1_probe.py``; it must have run the shipped Mdet)."""
+    import amibr_stage1_probe
+
+    from focas_keras import pretrained
+    from focas_keras.io import sha256_file
+
+    crops, caps, summary = amibr_stage1_probe.load_probe(probe)
+    with pretrained.runs() as (det_run, _, _):
+        if summary.get("det_sha256") != sha256_file(Path(det_run) / "model.keras"):
+            raise SystemExit(f"{probe}: the probe ran another Mdet than the bundled one")
+    return amibr_stage1_probe.cut_for_recall(crops, caps, recall)
+
+
 def _command(args, summary: dict, options: dict) -> str:
     """The commands that rebuild this model: its CV, then this script on that CV."""
     extra = [f"--det-set {o}" for o in options["train-det"]]
@@ -214,6 +277,8 @@ def _command(args, summary: dict, options: dict) -> str:
         rel = args.results.resolve().relative_to(REPO)
         results = f" --results {rel.as_posix()}"
     val = f" --val-slide {args.val_slide}" if args.val_slide else ""
+    if getattr(args, "stage1_recall", None) is not None:
+        val += f" --stage1-recall {args.stage1_recall:g}"
     return (f"python experiments/recipe_cv.py --preset {args.preset} --final-ablation "
             + "".join(f"{e} " for e in extra) + f"{results.strip()} && python "
             f"experiments/train_bundled.py --preset {args.preset}{results}{val}"
@@ -239,6 +304,16 @@ def main(argv=None) -> int:
     parser.add_argument("--scanners-from", type=Path, default=None,
                         help="A finished scanner_cv.py output directory: its held-out-scanner "
                              "recall and false positives go into the card.")
+    parser.add_argument("--stage1-recall", type=float, default=None,
+                        help="Cap the stage-1 threshold where the shipped Mdet reaches this "
+                             "candidate recall on other scanners' crops (--probe).")
+    parser.add_argument("--probe", type=Path,
+                        default=REPO / "experiments" / "results" / "amibr_stage1_probe",
+                        help="amibr_stage1_probe.py output of the shipped Mdet.")
+    parser.add_argument("--train-seconds", type=float, default=None,
+                        help="The training time to record when the steps ran before (the "
+                             "work directory's finished steps are skipped, so this run does "
+                             "not time them).")
     args = parser.parse_args(argv)
     if args.val_slide and args.val_slide not in SLIDES:
         parser.error(f"--val-slide: one of {', '.join(SLIDES)}, not {args.val_slide!r}")
@@ -248,7 +323,13 @@ def main(argv=None) -> int:
     from focas_keras import pretrained
     from focas_keras.io import sha256_file
 
-    chosen = oof_thresholds(args.results, selected=bool(args.val_slide))
+    if args.stage1_recall is not None:
+        if args.val_slide:
+            parser.error("--stage1-recall: the final weights' rule only (no --val-slide)")
+        chosen = capped_thresholds(args.results, stage1_cap(args.probe, args.stage1_recall),
+                                   args.stage1_recall)
+    else:
+        chosen = oof_thresholds(args.results, selected=bool(args.val_slide))
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     options = recipe_options(chosen["cv"])
@@ -258,7 +339,8 @@ def main(argv=None) -> int:
         mdet, mclass, seconds, date = shipped_runs(out, args.work, options)
     else:
         mdet, mclass = train(args, args.work, args.work / "train.log", options)
-        seconds = time.perf_counter() - start
+        seconds = (time.perf_counter() - start if args.train_seconds is None
+                   else args.train_seconds)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     weights = "best.keras" if args.val_slide else "model.keras"

@@ -107,6 +107,25 @@ def _card(selection, cv_extra=None):
     return card
 
 
+def test_a_card_under_another_threshold_rule_says_so_and_reports_that_rule_s_estimate():
+    card = _card(None)
+    assert "all 101 mitoses" in card["thresholds"]["chosen_on"]
+    pooled = {"tp": 50, "fp": 30, "fn": 51, "precision": 0.625, "recall": 0.495, "f1": 0.552}
+    rule = pretrained.make_card(
+        "m", "cpu", 0, {"det_threshold": 0.1, "cls_threshold": 0.7, "tta": True,
+                        "oof_f1_at_pair": 0.6, "cv_key": "cascade_tta",
+                        "cv": {"pooled": {"cascade_tta": {"f1": 0.1}}, "candidate_recall": 0.9},
+                        "chosen_on": "ICPR and the other scanners", "cv_rule": "the same rule",
+                        "cv_pooled": pooled},
+        "python x", 60.0, "2026-12-07")
+    rule["files"] = {}
+    assert rule["thresholds"]["chosen_on"] == "ICPR and the other scanners"
+    assert rule["cv_estimate"]["protocol"].endswith("a 4th validating, the same rule")
+    assert rule["cv_estimate"]["pooled"]["f1"] == 0.552
+    text = pretrained.card_markdown(rule)
+    assert "chosen on ICPR and the other scanners" in text and "**F1 0.552**" in text
+
+
 def test_the_card_says_which_weights_ship_and_how_they_were_chosen():
     final = _card(None)
     assert "selection" not in final

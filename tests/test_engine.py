@@ -1,8 +1,9 @@
 """The inference engine: plan, read, run and assemble tiles; detect and slide results equal the
 references written before the engine (tests/data/engine_reference/README.md).
 
-Measured against the unrounded references (all four sources, bundled model, this machine's
-CPU): the same candidates in the same order; boxes within 5.0e-6 px and scores within 5.0e-10,
+Measured against the unrounded references (all four sources, the bundled model before its
+`lite0` Mclass, this machine's CPU; the references were regenerated for the `lite0` model on
+2026-12-07 and pass at the same tolerances): the same candidates in the same order; boxes within 5.0e-6 px and scores within 5.0e-10,
 i.e. equal up to the references' 9 significant digits. The tolerances below leave room for
 another CPU's float arithmetic.
 """

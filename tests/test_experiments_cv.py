@@ -175,6 +175,32 @@ def test_bundled_thresholds_come_from_the_rule_of_the_weights_it_ships(tmp_path,
     assert (chosen["det_threshold"], chosen["cls_threshold"]) == (0.2, 0.7)
 
 
+def test_bundled_stage1_cap_lowers_the_pair_and_the_cv_estimate_follows_it(tmp_path,
+                                                                           monkeypatch):
+    from focas_keras.evaluation import evaluate as ev
+
+    used = []
+    monkeypatch.setattr(ev, "read_truth", lambda *a: type("T", (), {"points": {}})())
+    monkeypatch.setattr(bundled.recipe_cv, "pooled_pair", lambda truths, preds: {
+        "det_threshold": 0.2, "cls_threshold": 0.7, "f1": 0.5})
+    monkeypatch.setattr(bundled.recipe_cv, "score_pair", lambda truth, preds, t1, t2: (
+        used.append((t1, t2)) or {"tp": 3, "fp": 1, "fn": 2}))
+    results = _fake_cv(tmp_path, selected_tta_f1=0.45, final_tta_f1=0.5)
+    chosen = bundled.capped_thresholds(results, 0.0479, 0.95)
+    # the cut (0.0479) is under the CV's candidate floor (0.05): the floor caps stage 1
+    assert (chosen["det_threshold"], chosen["cls_threshold"], chosen["tta"]) == (0.05, 0.7, True)
+    assert used == [(0.05, 0.7), (0.05, 0.7)]  # each held-out slide, capped the same way
+    assert chosen["cv_pooled"] == {"tp": 6, "fp": 2, "fn": 4, "precision": 0.75,
+                                   "recall": 0.6, "f1": pytest.approx(12 / 18)}
+    assert "0.0479, clipped to the CV's candidate floor 0.05" in chosen["chosen_on"]
+    assert "capped at 0.05" in chosen["cv_rule"]
+    used.clear()
+    chosen = bundled.capped_thresholds(results, 0.12, 0.95)  # a cap above the floor
+    assert chosen["det_threshold"] == 0.12 and used == [(0.12, 0.7), (0.12, 0.7)]
+    chosen = bundled.capped_thresholds(results, 0.5, 0.95)  # a cap above the pair: no change
+    assert chosen["det_threshold"] == 0.2
+
+
 def test_bundled_reproduce_command_names_the_validation_slide():
     import argparse
 

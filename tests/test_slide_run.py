@@ -259,12 +259,16 @@ def test_slide_of_four_real_fields_matches_detect(icpr_dir, tmp_path):
     detect, so stage-1 scores of the same candidate move (by up to 0.22 on these fields),
     while its stage-2 score agrees to 1e-3 (same crop). Tolerance: every accepted detection
     more than 96 px inside its field whose scores clear both thresholds by 0.02 has an accepted
-    partner within 3 px in the other run. 96 px = Mclass's crop half-width (56) plus half the
+    partner within 8 px in the other run. 96 px = Mclass's crop half-width (56) plus half the
     largest mitosis box (about 34), rounded up to Mdet's 32 px stride: nearer the edge the box
     itself depends on what lies beyond it. (With the bundled stage-1 threshold at 0.079, a
     candidate 75 px from A04_03's top edge at det 0.12 sits 12 px away in the slide, where the
-    field above replaces the mirror padding; at 0.229 it was not accepted.) Measured: 21 of 21
-    both ways.
+    field above replaces the mirror padding; at 0.229 it was not accepted.) Measured with the
+    model before the `lite0` Mclass (stage 1 >= 0.079): 21 of 21 both ways, within 3 px. With
+    the `lite0` Mclass and stage 1 >= 0.05 (2026-12-07): 19 of 19 both ways, 18 of them within
+    0.4 px and one on A04_03 at 5.8 px: a box of another stage-1 anchor around the same figure
+    wins there, so the partner radius is 8 px, well under the 20 px match radius and the 30 px
+    merge radius.
     """
     from focas_keras.datasets.annotations import load_image
     from focas_keras import pretrained
@@ -313,11 +317,11 @@ def test_slide_of_four_real_fields_matches_detect(icpr_dir, tmp_path):
         if not len(others):
             return np.zeros(len(points), bool)
         d = np.hypot(*(points[:, None] - others[None]).transpose(2, 0, 1))
-        return d.min(1) <= 3.0
+        return d.min(1) <= 8.0
 
     total = 0
     for (f_robust, f_all), (s_robust, s_all) in zip(field_points, slide_points):
         assert matched(f_robust, s_all).all()
         assert matched(s_robust, f_all).all()
         total += len(f_robust)
-    assert total >= 20  # the check compares something
+    assert total >= 15  # the check compares something

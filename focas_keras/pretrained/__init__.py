@@ -130,6 +130,12 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
     ``extra_data``: a second training set (name, crops, scanners, licence, citation) whose
     crops joined Mclass's batches. ``scanners``: per-scanner estimates on held-out scanners
     ({scanner: {"recall", "fp_per_crop", ...}} and how they were measured under ``protocol``).
+
+    ``thresholds``: the pair (``det_threshold``, ``cls_threshold``, ``tta``, ``oof_f1_at_pair``)
+    and the CV (``cv``, its summary; ``cv_key``, the pooled row that estimates the recipe).
+    A rule other than the best-F1 pair on pooled ICPR predictions also gives ``chosen_on``
+    (what chose the pair), ``cv_rule`` (how each held-out slide's pair was chosen) and
+    ``cv_pooled`` (the CV's pooled counts under that rule, replacing the ``cv_key`` row).
     """
     cv = thresholds["cv"]
     overrides = overrides or {}
@@ -169,14 +175,17 @@ def make_card(name: str, preset: str, seed: int, thresholds: dict, command: str,
         "thresholds": {"det_threshold": thresholds["det_threshold"],
                        "cls_threshold": thresholds["cls_threshold"], "merge_px": 30.0,
                        "tta": thresholds["tta"],
-                       "chosen_on": "pooled out-of-fold predictions of the 5-fold "
-                                    "leave-one-slide-out CV (all 101 mitoses)",
+                       "chosen_on": thresholds.get(
+                           "chosen_on", "pooled out-of-fold predictions of the 5-fold "
+                                        "leave-one-slide-out CV (all 101 mitoses)"),
                        "oof_f1_at_pair": thresholds["oof_f1_at_pair"]},
         "cv_estimate": {"protocol": f"leave-one-slide-out, 5 folds, the recipe with the "
                                     f"{weights} (as shipped), {cv_folds_text(cv)}, "
-                                    "thresholds for each held-out slide chosen on the other "
-                                    "folds' pooled out-of-fold predictions",
-                        "pooled": cv["pooled"][thresholds["cv_key"]],
+                                    + thresholds.get("cv_rule", "thresholds for each held-out "
+                                                     "slide chosen on the other folds' pooled "
+                                                     "out-of-fold predictions"),
+                        "pooled": (dict(thresholds["cv_pooled"]) if "cv_pooled" in thresholds
+                                   else cv["pooled"][thresholds["cv_key"]]),
                         "candidate_recall": cv["candidate_recall"]},
         "limits": ["one scanner (Aperio XT) and one tissue type (breast cancer, H&E) from one "
                    "lab: expect lower accuracy on other scanners, stains and tissues",
