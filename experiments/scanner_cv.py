@@ -137,6 +137,10 @@ def floor_fold(args, scanner: str, pair: tuple, tta: bool, fold_out: Path) -> No
                                        [scanner], log=print, keep_candidates=True)
         floor_summary["fold_seconds"] = round(time.perf_counter() - started, 1)
         (kept / "fold_seconds.json").write_text(json.dumps(floor_summary["fold_seconds"]))
+    if bool(floor_summary["settings"]["tta"]) != bool(tta):
+        raise SystemExit(f"{kept}: candidates scored with TTA "
+                         f"{'on' if floor_summary['settings']['tta'] else 'off'}, the pair "
+                         f"wants it {'on' if tta else 'off'} (another --candidates)")
     merge_px = floor_summary["settings"]["merge_px"]
     table, scanners = amibr_eval.rescore(kept, args.amibr, pair[0], pair[1], merge_px,
                                          [scanner])

@@ -279,6 +279,8 @@ def _command(args, summary: dict, options: dict) -> str:
     val = f" --val-slide {args.val_slide}" if args.val_slide else ""
     if getattr(args, "stage1_recall", None) is not None:
         val += f" --stage1-recall {args.stage1_recall:g}"
+    if getattr(args, "scanners_from", None) is not None:  # committed scanner_cv.py results
+        val += f" --scanners-from {Path(args.scanners_from).resolve().relative_to(REPO).as_posix()}"
     return (f"python experiments/recipe_cv.py --preset {args.preset} --final-ablation "
             + "".join(f"{e} " for e in extra) + f"{results.strip()} && python "
             f"experiments/train_bundled.py --preset {args.preset}{results}{val}"
