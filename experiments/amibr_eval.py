@@ -311,6 +311,23 @@ def run(data, out, cascade=None, model_name="", per_scanner=None, scanners=None,
     return summary
 
 
+def kept_candidates(out, scanner: str, crops: int) -> pd.DataFrame:
+    """Every candidate a :func:`run` with ``keep_candidates`` cached for ``scanner``'s
+    ``crops`` crops (:data:`CANDIDATE_COLUMNS`).
+
+    Raises:
+        InputError: a chunk without its candidates.
+    """
+    from focas_keras.errors import InputError
+
+    cache = Path(out) / "cache" / slug(scanner)
+    paths = sorted(cache.glob("cand_*.csv"))
+    if len(paths) != -(-crops // CHUNK):
+        raise InputError(f"{scanner}: no candidates kept for every chunk (run with "
+                         "keep_candidates)", cache)
+    return pd.concat([pd.read_csv(p, dtype={"image": str}) for p in paths], ignore_index=True)
+
+
 def rescore(out, data, det_threshold: float, cls_threshold: float, merge_px: float,
             scanners=None) -> tuple[pd.DataFrame, dict]:
     """The crops' metrics at a threshold pair, from a :func:`run` with ``keep_candidates``.
@@ -345,12 +362,7 @@ def rescore(out, data, det_threshold: float, cls_threshold: float, merge_px: flo
     figures = central_first(data)
     rows = []
     for scanner, group in crops.groupby("scanner", sort=True):
-        paths = sorted((out / "cache" / slug(scanner)).glob("cand_*.csv"))
-        if len(paths) != -(-len(group) // CHUNK):
-            raise InputError(f"{scanner}: no candidates kept for every chunk (run with "
-                             "keep_candidates)", out / "cache" / slug(scanner))
-        cands = pd.concat([pd.read_csv(p, dtype={"image": str}) for p in paths],
-                          ignore_index=True)
+        cands = kept_candidates(out, scanner, len(group))
         cands = cands[cands.det_score >= det_threshold]
         by_image = dict(tuple(cands.groupby("image")))
         for crop in group.itertuples(index=False):

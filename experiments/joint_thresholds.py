@@ -120,14 +120,14 @@ def crop_scores(kept: Path, amibr: Path, merge_px: float) -> list:
     if floor > DET_GRID[0] + 1e-9:
         raise SystemExit(f"{kept}: candidates kept from {floor}, above the grid's "
                          f"{DET_GRID[0]}")
-    cands = pd.concat([pd.read_csv(p, dtype={"image": str})
-                       for p in sorted((kept / "cache").glob("*/cand_*.csv"))],
-                      ignore_index=True)
     figures = amibr_eval.central_first(amibr)
-    by_image = dict(tuple(cands.groupby("image")))
-    return [_scanner_scores(group.reset_index(drop=True), by_image, figures, merge_px,
-                            cands.iloc[:0])
-            for _, group in crops.groupby("scanner", sort=True)]
+    out = []
+    for scanner, group in crops.groupby("scanner", sort=True):
+        cands = amibr_eval.kept_candidates(kept, scanner, len(group))
+        out.append(_scanner_scores(group.reset_index(drop=True),
+                                   dict(tuple(cands.groupby("image"))), figures, merge_px,
+                                   cands.iloc[:0]))
+    return out
 
 
 def _scanner_scores(crops, by_image, figures, merge_px, empty) -> dict:
