@@ -130,6 +130,19 @@ def crop_scores(kept: Path, amibr: Path, merge_px: float) -> list:
     return out
 
 
+def kept_dirs(path: Path) -> list[Path]:
+    """The kept-candidate directories under ``path``: ``path`` itself when it is one (an
+    ``amibr_eval.py --keep-candidates`` output, or one scanner's of ``scanner_cv.py
+    --floor``), else every ``path/candidates/<scanner>/`` (a ``scanner_cv.py --floor``
+    output)."""
+    if (path / "crops.csv").exists() and (path / "cache").exists():
+        return [path]
+    root = path / "candidates"
+    if not root.is_dir():
+        raise SystemExit(f"{path}: neither kept candidates nor a scanner_cv --floor output")
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
 def _scanner_scores(crops, by_image, figures, merge_px, empty) -> dict:
     from focas_keras.inference.engine import merge_points
 
@@ -226,8 +239,7 @@ def main(argv=None) -> int:
     icpr = {s: icpr_counts(truths[s], preds[s]) for s in slides}
     print(f"ICPR: {len(slides)} slides, {sum(len(v) for t in truths.values() for v in t.values())} "
           "mitoses", flush=True)
-    kept = ([args.scanners] if (args.scanners / "crops.csv").exists() else
-            sorted(p for p in (args.scanners / "candidates").iterdir() if p.is_dir()))
+    kept = kept_dirs(args.scanners)
     merge = {json.loads((p / "summary.json").read_text())["settings"]["merge_px"] for p in kept}
     if len(merge) != 1:
         raise SystemExit(f"{args.scanners}: candidate runs with different merge radii {merge}")

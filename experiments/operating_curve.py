@@ -73,15 +73,6 @@ def recall_at_budgets(crop_set: dict, det_threshold: float,
     return out
 
 
-def _kept_dirs(path: Path) -> list[Path]:
-    if (path / "crops.csv").exists() and (path / "cache").exists():
-        return [path]
-    root = path / "candidates"
-    if not root.is_dir():
-        raise SystemExit(f"{path}: neither kept candidates nor a scanner_cv --floor output")
-    return sorted(p for p in root.iterdir() if p.is_dir())
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
@@ -100,7 +91,7 @@ def main(argv=None) -> int:
         if not sep or not name or not path:
             raise SystemExit(f"--model {spec!r}: expected NAME=DIR")
         found = {}
-        for kept in _kept_dirs(Path(path)):
+        for kept in jt.kept_dirs(Path(path)):
             merge_px = json.loads((kept / "summary.json").read_text())["settings"]["merge_px"]
             for s in jt.crop_scores(kept, args.amibr, merge_px):
                 found[s["scanner"]] = s

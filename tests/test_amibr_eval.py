@@ -1,7 +1,6 @@
 """experiments/amibr_eval.py: the per-crop metric, the summary, the sample and the cache
 (hand-made inputs, no model)."""
 
-import importlib.util
 import json
 import math
 import sys
@@ -14,20 +13,10 @@ import pytest
 from focas_keras.errors import InputError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiment_modules import load_experiment  # noqa: E402
 from test_readers_amibr import CS2, TUPAC, XR, write_amibr  # noqa: E402
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("_exp_amibr_eval",
-                                                  EXPERIMENTS / "amibr_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ev = _load()
+ev = load_experiment("amibr_eval")
 
 
 def dets(rows):
@@ -125,17 +114,8 @@ def test_central_first_and_cached_run(tmp_path):
         ev.run(root, out, cascade=None, scanners=[XR, CS2])
 
 
-def _load_probe():
-    sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location("_exp_amibr_stage1_probe",
-                                                  EXPERIMENTS / "amibr_stage1_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_stage1_probe_best_near_box_its_rank_and_recall_per_cap():
-    probe = _load_probe()
+    probe = load_experiment("amibr_stage1_probe")
     boxes = [(0, 0, 10, 10), (60, 60, 70, 70), (50, 58, 60, 68), (100, 100, 110, 110)]
     scores = [0.9, 0.04, 0.3, 0.5]
     # near the figure at (64, 64) within 20 px: boxes 1 (0.04) and 2 (0.3, centre 9 px away)
@@ -151,7 +131,7 @@ def test_stage1_probe_best_near_box_its_rank_and_recall_per_cap():
 
 
 def test_stage1_cut_reaches_the_target_recall_on_the_given_crops_only():
-    probe = _load_probe()
+    probe = load_experiment("amibr_stage1_probe")
     crops = pd.DataFrame({"scanner": ["a", "a", "a", "a", "b", "b"],
                           "score": [0.4, 0.2, 0.06, 0.03, 0.5, 0.04],
                           "rank": [1, 1, 3, 1, 1, 1]})

@@ -1,20 +1,12 @@
 """Pure logic of experiments/icpr2012_cv.py and experiments/ablation.py (no training)."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_exp_{name}", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiment_modules import load_experiment as _load  # noqa: E402
 
 
 cv = _load("icpr2012_cv")

@@ -1,7 +1,6 @@
 """experiments/joint_thresholds.py: the crop-side rates and the constrained choice of a pair
 (hand-made inputs, no model)."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,21 +10,10 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiment_modules import load_experiment  # noqa: E402
 from test_readers_amibr import XR, write_amibr  # noqa: E402
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load():
-    sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location("_exp_joint_thresholds",
-                                                  EXPERIMENTS / "joint_thresholds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-jt = _load()
+jt = load_experiment("joint_thresholds")
 
 
 def _kept(tmp_path, cands, floor=0.02):

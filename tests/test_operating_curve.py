@@ -1,29 +1,17 @@
 """experiments/operating_curve.py: recall at a false-positive budget from kept candidates
 (hand-made inputs, no model)."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiment_modules import load_experiment  # noqa: E402
 from test_joint_thresholds import _kept  # noqa: E402
 from test_readers_amibr import XR, write_amibr  # noqa: E402
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load():
-    sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location("_exp_operating_curve",
-                                                  EXPERIMENTS / "operating_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-oc = _load()
+oc = load_experiment("operating_curve")
 
 
 def _two_models(tmp_path):
