@@ -75,9 +75,12 @@ def synth(out, images, size, seed, per_slide, mimics, overwrite):
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
               help="Share of slides drawn for validation when neither --val-slides nor "
                    "--val-scanners is given.")
-@click.option("--det-small-images", type=click.Choice(["skip", "pad"]), default=None,
-              help="Images smaller than a det tile: no det tiles (skip) or reflect-padded "
-                   "tiles (pad). Default: skip for amibr (128 px crops), pad otherwise.")
+@click.option("--det-small-images", type=click.Choice(["skip", "pad", "mosaic"]),
+              default=None,
+              help="Images smaller than a det tile: no det tiles (skip), reflect-padded "
+                   "tiles (pad) or mosaic tiles of several of them, one scanner each, figures "
+                   "at random places (mosaic: how amibr crops become Mdet tiles). Default: "
+                   "skip for amibr (128 px crops), pad otherwise.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and sampling seed.")
 @click.option("--shard-mb", type=float, default=64.0, show_default=True,
               help="Size bound of one shard (MiB).")
@@ -128,6 +131,9 @@ def summarize(manifest: dict, out) -> str:
         if det.get("skipped_small_images"):
             lines.append(f"        {det['skipped_small_images']} images smaller than a det "
                          "tile gave no det tiles")
+        if det.get("mosaic_tiles"):
+            lines.append(f"        {det['mosaic_tiles']} mosaic tiles of images smaller than "
+                         "a det tile")
     return "\n".join(lines)
 
 

@@ -35,6 +35,10 @@ _PRECISION_HELP = ("Compute precision (default: the preset's; the mixed ones kee
 @click.option("--norm", type=click.Choice(["bn", "gn"]), default=None,
               help="Backbone normalisation.")
 @click.option("--no-ws", is_flag=True, help="Plain convs instead of weight standardisation.")
+@click.option("--extra-data", multiple=True, type=click.Path(),
+              help="Further det shards (e.g. `prepare --format amibr --det-small-images "
+                   "mosaic`: other scanners' mitoses) drawn into training with --set "
+                   "train.extra_share=S (repeatable).")
 @click.option("--epochs", type=int, default=None,
               help="Training epochs (default: the preset's).")
 @click.option("--batch-size", type=int, default=None, help="Global batch size.")
@@ -51,7 +55,7 @@ _PRECISION_HELP = ("Compute precision (default: the preset's; the mixed ones kee
                    "'cpu:N' splits the CPU into N logical devices.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Override any config field, e.g. --set fpn.max_level=5.")
-def train_det(data, out, preset, head, no_cbam, norm, no_ws, epochs, batch_size,
+def train_det(data, out, preset, head, no_cbam, norm, no_ws, extra_data, epochs, batch_size,
               steps_per_epoch, lr, precision, seed, devices, overrides):
     """Train Mdet (stage 1) on prepared shards; resumes an interrupted run in OUT."""
     _check_writable(out)
@@ -66,7 +70,8 @@ def train_det(data, out, preset, head, no_cbam, norm, no_ws, epochs, batch_size,
               "train.learning_rate": lr, "train.precision": precision, "train.seed": seed,
               "backbone.cbam": False if no_cbam else None, "backbone.ws": False if no_ws else None}
     config = get_preset(preset).override(**_with_overrides(fields, overrides))
-    result = run_training(data, out, config, devices=_devices(devices), log=click.echo)
+    result = run_training(data, out, config, devices=_devices(devices), log=click.echo,
+                          extra_data=extra_data)
     _report(result, out)
 
 

@@ -140,7 +140,8 @@ def det_dataset(shard_dir, split: str = "train", batch_size: int = 8,
                 augment: aug.AugmentConfig | None = None, shuffle: bool = True,
                 repeat: bool = False, seed: int = 0, deterministic: bool = False,
                 max_boxes: int = 32, shuffle_buffer: int = 1024, drop_remainder: bool = False,
-                verify: bool = True) -> tf.data.Dataset:
+                verify: bool = True, extra_dirs=(), extra_share: float = 0.0
+                ) -> tf.data.Dataset:
     """Batches of detection tiles with padded boxes.
 
     Args:
@@ -156,6 +157,10 @@ def det_dataset(shard_dir, split: str = "train", batch_size: int = 8,
         shuffle_buffer: records in the shuffle buffer.
         drop_remainder: drop a last smaller batch.
         verify: check shard checksums against the manifest first.
+        extra_dirs: further shard directories (e.g. ``prepare --det-small-images mosaic`` of
+            other scanners' mitoses) whose ``split`` tiles are mixed in; same tile size.
+        extra_share: share of the tiles drawn from ``extra_dirs`` (split evenly between
+            them); the streams repeat, so the dataset is endless (take the steps needed).
 
     Returns:
         Dataset of ``(images, targets)``: images float32 [B, T, T, 3] in [0, 1]; targets dict
@@ -164,11 +169,28 @@ def det_dataset(shard_dir, split: str = "train", batch_size: int = 8,
     """
     manifest, files = _shard_files(shard_dir, records.DET, split, verify)
     size = int(manifest["tile_size"])
-    ds = _records(files, shuffle, seed, deterministic)
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer, seed=seed)
-    if repeat:
-        ds = ds.repeat()
+    extra_dirs = list(extra_dirs)
+    if not 0 <= extra_share < 1 or bool(extra_dirs) != (extra_share > 0):
+        raise InputError(f"extra share must be in (0, 1) with extra shard directories and 0 "
+                         f"without, got {extra_share!r}")
+    sources = [files]
+    for extra in extra_dirs:
+        extra_manifest, extra_files = _shard_files(extra, records.DET, split, verify)
+        if int(extra_manifest["tile_size"]) != size:
+            raise InputError(f"tile size {extra_manifest['tile_size']} differs from {size} px "
+                             f"of {shard_dir}", extra)
+        sources.append(extra_files)
+    streams = []
+    for i, source in enumerate(sources):
+        stream = _records(source, shuffle, seed + 7 * i, deterministic)
+        if shuffle:
+            stream = stream.shuffle(shuffle_buffer, seed=seed + 7 * i)
+        streams.append(stream.repeat() if repeat or extra_dirs else stream)
+    if extra_dirs:
+        weights = [1.0 - extra_share] + [extra_share / len(extra_dirs)] * len(extra_dirs)
+        ds = tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=seed)
+    else:
+        ds = streams[0]
 
     def parse(index, serialized):
         example = records.parse_det(serialized, size)

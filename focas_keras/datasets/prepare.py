@@ -11,6 +11,11 @@ would be mostly reflection, a border Mdet never meets on whole fields. ``"pad"``
 of the other formats) cuts them reflect-padded as before. Their cls patches are cut as
 everywhere (reflect-padded where a patch leaves the crop; 112 px patches around a centred
 figure fit inside such a crop up to the positive jitter).
+
+``"mosaic"`` packs them into mosaic tiles instead (:mod:`~focas_keras.datasets.mosaic`):
+tiles filled with windows of several crops of one split and scanner at random cells and
+offsets, every labelled figure boxed, each crop shown in about ``det_tiles_per_mitosis``
+tiles. That is how other scanners' mitoses reach Mdet (``train-det --extra-data``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from focas_keras.datasets import sampling
+from focas_keras.datasets import mosaic, sampling
 from focas_keras.datasets.annotations import (
     HARD_NEGATIVE, ICPR2012_MPP, MITOSIS, AnnotationSet, load_image)
 from focas_keras.datasets.shards import ShardWriter
@@ -38,7 +43,7 @@ TRAIN, VAL = "train", "val"
 FORMAT_TARGET_MPP = {"amibr": ICPR2012_MPP}
 #: ``det_small_images`` used when none is given, per format (else ``pad``).
 FORMAT_DET_SMALL = {"amibr": "skip"}
-DET_SMALL_CHOICES = ("skip", "pad")
+DET_SMALL_CHOICES = ("skip", "pad", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +81,9 @@ class PrepareConfig:
         target_mpp: rescale images to this pixel size (um/px) first; None keeps them (or the
             format's :data:`FORMAT_TARGET_MPP`).
         det_small_images: images smaller than a det tile on either side: ``skip`` (no det
-            tiles) or ``pad`` (reflect-padded tiles); None: the format's
+            tiles), ``pad`` (reflect-padded tiles) or ``mosaic`` (mosaic tiles of several such
+            images of one split and scanner, see :mod:`~focas_keras.datasets.mosaic`); None:
+            the format's
             :data:`FORMAT_DET_SMALL`, else ``pad``.
         shard_mb: size bound of one shard, MiB.
     """
@@ -304,12 +311,13 @@ def prepare(aset: AnnotationSet, out_dir, config: PrepareConfig = PrepareConfig(
     max_bytes = int(config.shard_mb * (1 << 20))
     counts = {s: {"images": [], "slides": splits[s],
                   "det": {"records": 0, "boxes": 0, "tiles_with_mitoses": 0, "empty_tiles": 0,
-                          "grid_tiles": 0, "skipped_small_images": 0},
+                          "grid_tiles": 0, "skipped_small_images": 0, "mosaic_tiles": 0},
                   "field": {"records": 0, "mitoses": 0},
                   "scanners": sorted({scanner_of[x] for x in splits[s] if scanner_of[x]}),
                   "cls": {"records": 0, "positive": 0, "negative": 0, MITOSIS: 0,
                           "background": 0, HARD_NEGATIVE: 0}} for s in (TRAIN, VAL)}
     split_of = {slide: s for s in (TRAIN, VAL) for slide in splits[s]}
+    small = {}  # {(split, scanner): ([image], [boxes])}: the mosaic's crops
     with atomic_output_dir(out_dir, overwrite) as tmp:
         writers = {(kind, s): ShardWriter(tmp, kind, s, max_bytes)
                    for kind in records.KINDS for s in (TRAIN, VAL)}
@@ -336,9 +344,14 @@ def prepare(aset: AnnotationSet, out_dir, config: PrepareConfig = PrepareConfig(
                         mitoses[["x", "y"]].to_numpy(np.float64)))
                     c["field"]["records"] += 1
                     c["field"]["mitoses"] += len(mitoses)
-                skip = (config.det_small_images == "skip"
-                        and min(image.shape[:2]) < config.tile_size)
-                c["det"]["skipped_small_images"] += int(skip)
+                is_small = min(image.shape[:2]) < config.tile_size
+                skip = config.det_small_images in ("skip", "mosaic") and is_small
+                if config.det_small_images == "mosaic" and is_small:
+                    pool = small.setdefault((split, scanner), ([], []))
+                    pool[0].append(image)
+                    pool[1].append(mitoses[["x1", "y1", "x2", "y2"]].to_numpy(np.float64))
+                else:
+                    c["det"]["skipped_small_images"] += int(skip)
                 if grid and not skip:
                     c["det"]["grid_tiles"] += len(sampling.grid_origins(
                         image.shape[1], image.shape[0], config.tile_size))
@@ -356,6 +369,22 @@ def prepare(aset: AnnotationSet, out_dir, config: PrepareConfig = PrepareConfig(
                     c["cls"]["records"] += 1
                     c["cls"]["positive" if label else "negative"] += 1
                     c["cls"][source] += 1
+            for (split, scanner), (crops, crop_boxes) in sorted(
+                    small.items(), key=lambda item: item[0]):
+                rng = _image_rng(config.seed, f"mosaic/{split}/{scanner}")
+                tiles = mosaic.mosaic_tiles(crops, crop_boxes, config.tile_size,
+                                            config.det_tiles_per_mitosis, rng,
+                                            config.min_visible)
+                name = scanner or "unknown scanner"
+                for index, (tile, boxes) in enumerate(tiles):
+                    writers[records.DET, split].write(records.det_example(
+                        _encode_png(tile), f"mosaic/{name}/{index}", f"mosaic/{name}",
+                        (0, 0), boxes))
+                    c = counts[split]["det"]
+                    c["records"] += 1
+                    c["mosaic_tiles"] += 1
+                    c["boxes"] += len(boxes)
+                    c["tiles_with_mitoses" if len(boxes) else "empty_tiles"] += 1
             shards = [entry for writer in writers.values() for entry in writer.close()]
         except BaseException:
             for writer in writers.values():

@@ -78,6 +78,8 @@ class TrainConfig:
     stain_sigma: float = 0.05
     seed: int = 0
     max_boxes: int = 32
+    #: share of the training tiles drawn from ``train-det --extra-data`` shards (0 without)
+    extra_share: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +133,8 @@ class MdetConfig(SectionedConfig):
              f"train.scale_jitter must be in [0, 1), got {self.train.scale_jitter!r}"),
             (is_number(self.train.stain_sigma) and 0 <= self.train.stain_sigma < 1,
              f"train.stain_sigma must be in [0, 1), got {self.train.stain_sigma!r}"),
+            (is_number(self.train.extra_share) and 0 <= self.train.extra_share < 1,
+             f"train.extra_share must be in [0, 1), got {self.train.extra_share!r}"),
         ]
         for ok, message in checks:
             if not ok:

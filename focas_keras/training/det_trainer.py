@@ -129,7 +129,8 @@ def _score(metrics: dict, has_val: bool, has_fields: bool) -> float:
     return metrics["val_f1"] if has_val else -metrics["loss_total"]
 
 
-def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) -> dict:
+def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print,
+              extra_data=()) -> dict:
     """Trains Mdet on prepared shards (or resumes the interrupted run in ``run_dir``).
 
     Args:
@@ -138,6 +139,11 @@ def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) ->
         config: resolved configuration.
         devices: devices for MirroredStrategy (None: automatic).
         log: where progress lines go.
+        extra_data: further det shard directories (e.g. ``prepare --format amibr
+            --det-small-images mosaic``: other scanners' mitoses as mosaic tiles), drawn
+            with ``config.train.extra_share`` of the training tiles. The steps per epoch stay
+            those of ``data_dir``, so the training costs the same; only ``data_dir``
+            validates.
 
     Returns:
         The final metrics dict.
@@ -153,6 +159,20 @@ def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) ->
         raise InputError("no det training records", data_dir)
     has_val, digests = pipeline.verify_for_training(data_dir, manifest, "det")
     t = config.train
+    extra_data = [Path(d) for d in extra_data]
+    if bool(extra_data) != (t.extra_share > 0):
+        raise InputError("train.extra_share > 0 goes with extra shard directories "
+                         "(--extra-data), and only with them")
+    extra_digests = []
+    for extra in extra_data:
+        extra_manifest = pipeline.load_manifest(extra)
+        if extra_manifest["tile_size"] != config.input_size:
+            raise InputError(f"extra shards hold {extra_manifest['tile_size']} px tiles but the "
+                             f"config's input_size is {config.input_size}", extra)
+        if not extra_manifest["splits"].get("train", {}).get("det", {}).get("boxes"):
+            raise InputError("extra shards have no training det tiles with mitoses (prepare "
+                             "amibr crops with --det-small-images mosaic)", extra)
+        extra_digests.append(pipeline.verify_for_training(extra, extra_manifest, "det")[1])
     steps = t.steps_per_epoch or max(1, train_records // t.batch_size)
     augment = AugmentConfig(scale=t.scale_jitter, stain_sigma=t.stain_sigma) if t.augment else None
     size = config.input_size
@@ -165,12 +185,15 @@ def train_det(data_dir, run_dir, config: MdetConfig, devices=None, log=print) ->
         return pipeline.det_dataset(data_dir, "train", batch_size=t.batch_size, augment=augment,
                                     repeat=True, seed=t.seed * 100003 + epoch,
                                     deterministic=True, max_boxes=t.max_boxes,
-                                    drop_remainder=True, verify=False).take(steps)
+                                    drop_remainder=True, verify=False, extra_dirs=extra_data,
+                                    extra_share=t.extra_share).take(steps)
 
     validators = [make_validator(config, data_dir, t.batch_size)] if has_val else []
     has_fields = pipeline.has_records(manifest, records.FIELD, "val")
     identity = {"kind": "mdet", "config": config.to_dict(), "data": str(data_dir.resolve()),
-                "data_shards": digests, **pipeline.data_mpp_identity(manifest)}
+                "data_shards": digests, **pipeline.data_mpp_identity(manifest),
+                **({"extra_data": [str(d.resolve()) for d in extra_data],
+                    "extra_shards": extra_digests} if extra_data else {})}
     if has_fields:
         field_entries = pipeline.shard_entries(manifest, records.FIELD, "val")
         pipeline.verify_shards(data_dir, field_entries)
