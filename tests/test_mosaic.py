@@ -3,7 +3,6 @@
 
 import json
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -156,16 +155,10 @@ def test_cli_prepare_mosaic(amibr, tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
-def _without_red(root):
-    for path in root.glob("*.png"):
-        image = cv2.imread(str(path))
-        image[..., 2] = 0
-        cv2.imwrite(str(path), image)
-
-
 @pytest.fixture(scope="module")
 def det_sources(tmp_path_factory):
     from conftest import write_tiny_icpr
+    from test_extra_data import _without_red  # the extra source is told apart by colour
 
     root = tmp_path_factory.mktemp("detextra")
     config = PrepareConfig(tile_size=64, det_margin=8, val_slides=("A02",), seed=3)
