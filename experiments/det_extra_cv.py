@@ -17,7 +17,9 @@ permissive threshold (``--min-det``), and each is scored:
 - candidate recall at the bundled model's stage-1 threshold (0.05, ``--det-threshold``): the
   share of mitoses with a candidate within 20 px, and the candidates it costs per field;
 - recall at the control's candidate count: the new arm's top-N candidates of the fold, N the
-  control's count at 0.05 (more candidates alone raise recall; this removes that).
+  control's count at 0.05 (more candidates alone raise recall; this removes that);
+- recall at fixed candidate budgets per field (``--budgets``; each fold's best-scored
+  ``budget x fields`` candidates, both arms), pooled over the folds.
 
 Nothing is chosen on the held-out slides: the share, recipe and thresholds are fixed before.
 Each fold's trained model and scores are cached (``<work>/fold_<slide>/mdet_extra``,
@@ -75,6 +77,29 @@ def fold_scores(truth: dict, tables: dict, threshold: float, fields: int) -> dic
                                                  scores["control"]["candidates"])
     scores["fields"] = fields
     return scores
+
+
+def budget_curve(folds: list[tuple], budgets) -> dict:
+    """Pooled recall of each arm at each budget of candidates per field.
+
+    Args:
+        folds: per fold ``(truth, {arm: table}, fields)``.
+        budgets: candidates per field.
+
+    Returns:
+        ``{arm: {budget: {"found", "mitoses", "recall"}}}`` (budget keys as strings).
+    """
+    out = {}
+    for arm in ARMS:
+        out[arm] = {}
+        for budget in budgets:
+            scored = [recall_top(truth, tables[arm], budget * fields)
+                      for truth, tables, fields in folds]
+            found = sum(r["found"] for r in scored)
+            mitoses = sum(r["mitoses"] for r in scored)
+            out[arm][f"{budget:g}"] = {"found": found, "mitoses": mitoses,
+                                       "recall": found / mitoses if mitoses else 0.0}
+    return out
 
 
 def pooled(folds: list[dict]) -> dict:
@@ -174,7 +199,29 @@ def report(summary: dict) -> str:
                  f"{p['extra']['found']} / {p['extra']['candidates']} "
                  f"({p['extra']['recall']:.3f}) | {p['extra_at_control_count']['found']} "
                  f"({p['extra_at_control_count']['recall']:.3f}) |")
+    curve = summary.get("budgets")
+    if curve:
+        budgets = list(curve["control"])
+        lines += ["", "| candidates per field | " + " | ".join(budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        for arm, name in (("control", "control"), ("extra", "AMi-Br mosaics")):
+            lines.append(f"| {name} | " + " | ".join(
+                f"{curve[arm][b]['found']}/{curve[arm][b]['mitoses']} "
+                f"({curve[arm][b]['recall']:.3f})" for b in budgets) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _tables(slide: str, args):
+    import pandas as pd
+
+    from focas_keras.evaluation import evaluate as ev
+
+    test = args.control_work / f"fold_{slide}" / "test"
+    tables = {arm: pd.read_csv(args.results / f"fold_{slide}_{arm}_candidates.csv")
+              for arm in ARMS}
+    for table in tables.values():
+        table["image"] = table["image"].astype(str)
+    return ev.read_truth(test, "icpr2012").points, tables, len(list(test.glob("*.jpg")))
 
 
 def main(argv=None) -> int:
@@ -191,13 +238,17 @@ def main(argv=None) -> int:
     parser.add_argument("--min-det", type=float, default=0.02,
                         help="Threshold of the candidates kept in the tables.")
     parser.add_argument("--slides", default=",".join(SLIDES))
+    parser.add_argument("--budgets", default="50,100,200,300,400",
+                        help="Candidates per field at which recall is compared.")
     args = parser.parse_args(argv)
     args.results.mkdir(parents=True, exist_ok=True)
     folds = [run_fold(s, args) for s in args.slides.split(",") if s]
     summary = {"folds": [f["test"] for f in folds], "det_threshold": args.det_threshold,
                "extra_share": args.extra_share, "min_det": args.min_det,
                "control_work": str(args.control_work), "amibr_det": str(args.amibr_det),
-               "per_fold": folds, "pooled": pooled(folds)}
+               "per_fold": folds, "pooled": pooled(folds),
+               "budgets": budget_curve([_tables(f["test"], args) for f in folds],
+                                       [float(b) for b in args.budgets.split(",") if b])}
     (args.results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.results / "summary.md").write_text(report(summary))
     print(report(summary))

@@ -278,3 +278,9 @@ def test_det_extra_cv_scores():
     summary = {"folds": ["A00"], "det_threshold": 0.05, "extra_share": 0.3,
                "per_fold": [{**fold, "test": "A00"}], "pooled": pooled}
     assert "| A00 | 3 | 1 / 3 | 2 / 3 | 2 |" in cv.report(summary)
+    # budgets of candidates per field (2 fields): the best 1, then the best 2 of each arm
+    curve = cv.budget_curve([(truth, {"control": control, "extra": extra}, 2)], [0.5, 1])
+    assert curve["control"]["0.5"]["found"] == 1 and curve["extra"]["0.5"]["found"] == 0
+    assert curve["control"]["1"]["found"] == 1 and curve["extra"]["1"]["found"] == 1
+    assert "| AMi-Br mosaics | 0/3 (0.000) | 1/3 (0.333) |" in cv.report(
+        {**summary, "budgets": curve})
