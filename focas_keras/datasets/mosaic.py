@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from focas_keras.datasets.sampling import boxes_in_tile
+
 
 def partition(total: int, parts: int, most: int, rng: np.random.Generator) -> np.ndarray:
     """``parts`` random integer lengths that sum to ``total``, each in [least, ``most``].
@@ -49,17 +51,6 @@ def grid_side(size: int, crop_sides, extra: int = 1) -> int:
     """Cells per tile side: ``extra`` more than the fewest whose mean side fits inside the
     smallest crop side."""
     return max(1, math.ceil(size / int(min(crop_sides)))) + extra
-
-
-def _window_boxes(boxes, x0, y0, width, height, min_visible):
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    shifted = boxes - np.array([x0, y0, x0, y0], np.float64)
-    clipped = shifted.copy()
-    clipped[:, [0, 2]] = np.clip(shifted[:, [0, 2]], 0, width)
-    clipped[:, [1, 3]] = np.clip(shifted[:, [1, 3]], 0, height)
-    area = np.prod(shifted[:, 2:] - shifted[:, :2], axis=1)
-    visible = np.prod(np.maximum(clipped[:, 2:] - clipped[:, :2], 0), axis=1)
-    return clipped[visible >= min_visible * np.maximum(area, 1e-9)]
 
 
 def mosaic_tile(crops, crop_boxes, size: int, rng: np.random.Generator,
@@ -93,7 +84,8 @@ def mosaic_tile(crops, crop_boxes, size: int, rng: np.random.Generator,
         oy = int(rng.integers(0, crop.shape[0] - height + 1))
         tile[ys[row]:ys[row] + height, xs[col]:xs[col] + width] = \
             crop[oy:oy + height, ox:ox + width]
-        kept = _window_boxes(cb, ox, oy, width, height, min_visible)
+        kept = boxes_in_tile(cb, ox, oy, width, min_visible, height=height,
+                             dtype=np.float64)
         boxes.append(kept + np.array([xs[col], ys[row], xs[col], ys[row]], np.float64))
     return tile, np.concatenate(boxes).astype(np.float32).reshape(-1, 4)
 

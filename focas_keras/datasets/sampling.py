@@ -20,25 +20,30 @@ def crop(image: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:
 
 
 def boxes_in_tile(boxes: np.ndarray, x0: int, y0: int, size: int,
-                  min_visible: float = 0.5) -> np.ndarray:
+                  min_visible: float = 0.5, height: int | None = None,
+                  dtype=np.float32) -> np.ndarray:
     """Boxes of a tile: shifted to tile coordinates, clipped, kept if enough remains visible.
 
     Args:
         boxes: (N, 4) image boxes.
         x0, y0: tile top-left in the image.
-        size: tile side.
+        size: tile side (its width, when ``height`` is given).
         min_visible: smallest share of a box's area that must lie inside the tile.
+        height: tile height for a rectangular window; None: ``size`` (square).
+        dtype: of the result (float64 for callers that shift the boxes further before
+            storing them, so that they are rounded once).
 
     Returns:
-        (M, 4) float32 tile boxes, M <= N.
+        (M, 4) tile boxes, M <= N.
     """
+    height = size if height is None else height
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     shifted = boxes - np.array([x0, y0, x0, y0], np.float64)
-    clipped = np.clip(shifted, 0, size)
+    clipped = np.clip(shifted, 0, np.array([size, height, size, height], np.float64))
     area = np.prod(shifted[:, 2:] - shifted[:, :2], axis=1)
     visible = np.prod(np.maximum(clipped[:, 2:] - clipped[:, :2], 0), axis=1)
     keep = visible >= min_visible * np.maximum(area, 1e-9)
-    return clipped[keep].astype(np.float32)
+    return clipped[keep].astype(dtype)
 
 
 def tile_origin_around(cx: float, cy: float, size: int, width: int, height: int,
